@@ -170,20 +170,18 @@ class Blip2Model(nn.Module):
             return out.logits
         return llm.model(inputs_embeds=embeds, attention_mask=mask).logits[:, prompt.shape[1]:]
 
-    def prompt_inputs(self, pixel_values: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """The LLM input for generation: ``[pad* ; visual prompt ; BOS + prompt]``, left padded -> (embeds, mask)."""
+    def prompt_inputs(self, features: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """The LLM input for generation, ``[visual prompt ; BOS + prompt]`` (decoder-only, left padded) or
+        ``[visual prompt ; prompt + EOS]`` (encoder-decoder) -> (embeds [B, Q + T, H_llm], mask [B, Q + T])."""
         llm = self._require_llm()
-        visual = self.soft_prompt(self.image_features(pixel_values))  # [B, Q, H_llm]
-        token_lists = [llm.prompt_ids(p) for p in prompts]
-        longest = max(len(t) for t in token_lists)
-        rows, masks = [], []
-        for visual_i, tokens in zip(visual, token_lists):
-            pad = longest - len(tokens)
-            ids = torch.tensor([llm.pad_token_id] * pad + tokens, dtype=torch.long, device=visual.device)
-            text = llm.embed(ids[None])[0]  # [P, H_llm]
-            rows.append(torch.cat([text[:pad], visual_i, text[pad:]]))  # pads first, then image, then prompt
-            masks.append(torch.cat([torch.zeros(pad), torch.ones(len(visual_i) + len(tokens))]))
-        return torch.stack(rows), torch.stack(masks).to(device=visual.device, dtype=torch.long)
+        visual = self.soft_prompt(features)  # [B, Q, H_llm]
+        decoder_only = not llm.is_encoder_decoder
+        ids, mask = llm.tokenize(
+            prompts, self.cfg.llm.max_text_len, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only
+        )  # [B, T]
+        ids, mask = ids.to(visual.device), mask.to(visual.device)
+        embeds = torch.cat([visual, llm.embed(ids)], dim=1)
+        return embeds, torch.cat([torch.ones(visual.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
 
     @torch.no_grad()
     def generate(self, images: Sequence[ImageInput] | Tensor, prompts: Sequence[str] | str | None = None, **gen) -> list[str]:
@@ -195,7 +193,7 @@ class Blip2Model(nn.Module):
             prompts = [prompts or ""] * batch
         if len(prompts) != batch:
             raise ValueError(f"{batch} images but {len(prompts)} prompts: give one prompt per image (or one for all)")
-        embeds, mask = self.prompt_inputs(pixel_values, prompts)
+        embeds, mask = self.prompt_inputs(self.image_features(pixel_values), prompts)
         gen.setdefault("max_new_tokens", 30)
         out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=llm.pad_token_id, **gen)
         return [t.strip() for t in llm.tokenizer.batch_decode(out, skip_special_tokens=True)]
