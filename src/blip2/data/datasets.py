@@ -39,6 +39,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from blip2.data.feature_cache import FeatureCache
 from blip2.data.images import ImageError, is_url, load_image
 
 logger = logging.getLogger(__name__)
@@ -319,8 +320,17 @@ def _load(source: str | bytes, transform: Transform | None, name: str | None = N
     return transform(image) if transform is not None else image
 
 
+def _record_image(record: CaptionRecord | VQARecord, transform: Transform | FeatureCache | None) -> Any:
+    """The record's image through ``transform``, or its cached frozen features when ``transform`` is a FeatureCache."""
+    if isinstance(transform, FeatureCache):
+        return transform[record.image_id]
+    return _load(record.image, transform)
+
+
 class CaptionDataset(Dataset):
     """Map-style image-caption dataset. Items: {"image", "text", "image_id"}.
+
+    ``transform`` may be a ``FeatureCache``: then "image" holds the image's cached frozen features [N, D].
 
     ``train``: each epoch draws one of an image's captions (deterministic in seed, epoch and index;
     call ``set_epoch`` like ``DistributedSampler.set_epoch``); images without captions are dropped.
@@ -346,7 +356,7 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
         record = self.records[index]
-        image = _load(record.image, self.transform)
+        image = _record_image(record, self.transform)
         if isinstance(image, BadImage):
             return image
         return {"image": image, "text": self._caption(index, record), "image_id": record.image_id}
@@ -360,7 +370,10 @@ class CaptionDataset(Dataset):
 
 
 class VQADataset(Dataset):
-    """Map-style VQA dataset. Items: {"image", "question", "answers", "image_id", "question_id"}."""
+    """Map-style VQA dataset. Items: {"image", "question", "answers", "image_id", "question_id"}.
+
+    ``transform`` may be a ``FeatureCache``, as for ``CaptionDataset``.
+    """
 
     def __init__(self, records: list[VQARecord], transform: Transform | None = None):
         self.records = list(records)
@@ -374,7 +387,7 @@ class VQADataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
         record = self.records[index]
-        image = _load(record.image, self.transform)
+        image = _record_image(record, self.transform)
         if isinstance(image, BadImage):
             return image
         return {
