@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from blip2.api import build_model, load
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.models.blip2 import Blip2Model
-from blip2.models.language import LLMLoadError
 from blip2.models.losses import itc_similarities
 from blip2.models.vision import image_encoder_from_hf
 from blip2.weights.bert import load_tokenizer
@@ -138,20 +137,7 @@ def test_text_ffn_starts_as_a_copy_of_the_query_ffn(tiny_blip2):
         assert layer.text_ffn.up.weight.data_ptr() != layer.query_ffn.up.weight.data_ptr()  # a copy, not shared
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        None,
-        pytest.param(
-            "opt",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=LLMLoadError,
-                reason="blip2.models.language cannot yet build an LLM from a Blip2 directory",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("text", [None, "opt"])
 def test_the_recorded_config_rebuilds_the_model(tiny_blip2, pixels, tmp_path, text):
     """model.save() keeps only what trains; the config load_hf wrote (parts = the directory) rebuilds the rest."""
     directory, _ = tiny_blip2(text)

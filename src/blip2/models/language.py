@@ -159,10 +159,13 @@ def load_lm_dir(
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as error:
         raise LLMLoadError(f"cannot read {config_file} ({error}): {remedy}") from error
+    extra = {}
+    if config.model_type == "blip-2":  # a whole Blip2 directory: its LLM lives under "language_model."
+        config, extra = config.text_config, {"key_mapping": {r"^language_model\.": ""}}
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     try:
         model, info = auto.from_pretrained(
-            path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True
+            path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True, **extra
         )
     except Exception as error:
         raise LLMLoadError(f"cannot load the weights in {path} as {auto.__name__} ({error}): {remedy}") from error
