@@ -13,6 +13,8 @@ from blip2.models.blip2 import Blip2Model
 from blip2.models.language import build_llm
 from blip2.models.vision import build_image_encoder
 from blip2.weights.bert import init_qformer_from_bert, load_tokenizer
+from blip2.weights.hf import load_hf
+from blip2.weights.lavis import load_lavis
 from blip2.weights.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_checkpoint, load_trainable
 
 
@@ -57,12 +59,8 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
         if path.is_dir() and is_checkpoint(path):
             model = load_checkpoint(path)
         elif path.is_dir() and _is_hf_blip2(path):
-            from blip2.weights.hf import load_hf
-
             model = load_hf(path)
         elif path.is_file() and path.suffix in (".pth", ".pt", ".bin"):
-            from blip2.weights.lavis import load_lavis
-
             model = load_lavis(path, **parts)
         else:
             raise ValueError(

@@ -1,12 +1,15 @@
 """``blip2 <command>``: each command is one typed function in ``blip2.commands``; its docstring is its help.
 
 The parser is derived from the function's signature: positional parameters become positional arguments,
-keyword parameters become ``--options`` (``bool`` ones become flags, ``list[...]`` ones take several values).
+keyword parameters become ``--options`` (``bool`` ones become flags, ``list[...]`` ones take several values,
+``Literal[...]`` ones take one of their values). A parameter whose type is a dataclass (e.g. the generation
+options) contributes one ``--option`` per field and is rebuilt from them before the call.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import sys
 import typing
@@ -15,15 +18,37 @@ from collections.abc import Callable
 from blip2 import commands
 
 
-def _option_type(annotation) -> tuple[Callable | None, bool]:
-    """(converter, takes several values) for a type hint such as ``int``, ``str | None`` or ``list[str]``."""
+def _option_type(annotation) -> tuple[Callable | None, bool, tuple | None]:
+    """(converter, takes several values, choices) for a type hint such as ``int``, ``str | None``, ``list[str]``
+    or ``Literal["a", "b"]``."""
     origin = typing.get_origin(annotation)
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Literal:
+        return type(args[0]), False, tuple(args)
     if origin is list:
-        return (args[0] if args else str), True
+        return (args[0] if args else str), True, None
     if args:  # Optional[X] / X | None
         return _option_type(args[0])
-    return (annotation if annotation in (int, float, str) else None), False
+    return (annotation if annotation in (int, float, str) else None), False, None
+
+
+FLAG_ALIASES = {"json_output": ["--json"]}  # extra spellings of some options
+
+
+def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, default, dest: str | None = None) -> None:
+    """One positional argument (no default) or ``--option`` for a parameter or dataclass field."""
+    kind, many, choices = _option_type(annotation)
+    if default is inspect.Parameter.empty:
+        parser.add_argument(name, type=kind, nargs="+" if many else None, choices=choices)
+        return
+    flags = [f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, [])]
+    if annotation is bool:
+        parser.add_argument(*flags, dest=dest or name, action=argparse.BooleanOptionalAction, default=default)
+        return
+    parser.add_argument(
+        *flags, dest=dest or name, type=kind, nargs="+" if many else None, choices=choices, default=default,
+        help=f"(default: {default})",
+    )  # fmt: skip
 
 
 def _add_command(subparsers, fn: Callable) -> None:
@@ -33,19 +58,26 @@ def _add_command(subparsers, fn: Callable) -> None:
         fn.__name__.replace("_", "-"), help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     hints = typing.get_type_hints(fn)
+    groups = {}  # dataclass parameters: name -> (class, its field names)
     for name, param in inspect.signature(fn).parameters.items():
-        kind, many = _option_type(hints.get(name, str))
-        if param.default is inspect.Parameter.empty:
-            parser.add_argument(name, type=kind, nargs="+" if many else None)
-        elif hints.get(name) is bool:
-            flag = f"--{name.replace('_', '-')}"
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=param.default)
+        annotation = hints.get(name, str)
+        if dataclasses.is_dataclass(annotation):
+            fields = dataclasses.fields(annotation)
+            field_hints = typing.get_type_hints(annotation)
+            group = parser.add_argument_group(annotation.__name__, (inspect.getdoc(annotation) or "").split("\n\n")[0])
+            for f in fields:
+                _add_argument(group, f.name, field_hints[f.name], getattr(param.default, f.name), dest=f"{name}.{f.name}")
+            groups[name] = (annotation, [f.name for f in fields])
         else:
-            parser.add_argument(
-                f"--{name.replace('_', '-')}", dest=name, type=kind, nargs="+" if many else None, default=param.default,
-                help=f"(default: {param.default})",
-            )
-    parser.set_defaults(_fn=fn)
+            _add_argument(parser, name, annotation, param.default)
+    parser.set_defaults(_fn=fn, _groups=groups)
+
+
+def _regroup(args: dict) -> dict:
+    """Rebuild dataclass parameters from their fields' options."""
+    for name, (cls, fields) in args.pop("_groups").items():
+        args[name] = cls(**{f: args.pop(f"{name}.{f}") for f in fields})
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     fn = args.pop("_fn")
     try:
-        result = fn(**args)
+        result = fn(**_regroup(args))
     except commands.USER_ERRORS as err:
         print(f"blip2 {fn.__name__.replace('_', '-')}: error: {err}", file=sys.stderr)
         return 2

@@ -10,24 +10,26 @@ Data flow (shapes for batch B, image tokens N, queries Q)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from blip2.config import Blip2Config
 from blip2.data.images import load_image
+from blip2.infer import embeddings, generation
+from blip2.infer.batching import ImageInput, Images, as_image_list, as_text_list, batch_slices, pair_up, pixel_batch
+from blip2.infer.chat import ChatSession
+from blip2.infer.decoding import GenerationOptions
+from blip2.infer.qformer_generation import qformer_generate
 from blip2.models.language import FrozenLLM
 from blip2.models.qformer import QFormer
 from blip2.models.vision import ImageEncoder
 from blip2.weights.checkpoint import save_checkpoint
 from blip2.weights.hf import export_hf
-
-ImageInput = Image.Image | str | Path
 
 
 class Blip2Model(nn.Module):
@@ -170,30 +172,93 @@ class Blip2Model(nn.Module):
             return out.logits
         return llm.model(inputs_embeds=embeds, attention_mask=mask).logits[:, prompt.shape[1]:]
 
-    def prompt_inputs(self, features: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def prompt_inputs(self, features: Tensor, prompts: Sequence[str], max_len: int | None = None) -> tuple[Tensor, Tensor]:
         """The LLM input for generation, ``[visual prompt ; BOS + prompt]`` (decoder-only, left padded) or
-        ``[visual prompt ; prompt + EOS]`` (encoder-decoder) -> (embeds [B, Q + T, H_llm], mask [B, Q + T])."""
+        ``[visual prompt ; prompt + EOS]`` (encoder-decoder) -> (embeds [B, Q + T, H_llm], mask [B, Q + T]).
+
+        Prompts are cut to ``max_len`` tokens (BOS/EOS included; default ``cfg.llm.max_text_len``, the training
+        length); the inference methods check lengths first and pass a limit that cuts nothing.
+        """
         llm = self._require_llm()
         visual = self.soft_prompt(features)  # [B, Q, H_llm]
         decoder_only = not llm.is_encoder_decoder
         ids, mask = llm.tokenize(
-            prompts, self.cfg.llm.max_text_len, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only
+            prompts, max_len or self.cfg.llm.max_text_len, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only
         )  # [B, T]
         ids, mask = ids.to(visual.device), mask.to(visual.device)
         embeds = torch.cat([visual, llm.embed(ids)], dim=1)
         return embeds, torch.cat([torch.ones(visual.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
 
-    @torch.no_grad()
-    def generate(self, images: Sequence[ImageInput] | Tensor, prompts: Sequence[str] | str | None = None, **gen) -> list[str]:
-        """Text for each image, conditioned on an optional prompt per image (greedy by default; beam/sampling via kwargs)."""
-        llm = self._require_llm()
-        pixel_values = images if isinstance(images, Tensor) else self.pixel_values(images)
-        batch = pixel_values.shape[0]
-        if prompts is None or isinstance(prompts, str):
-            prompts = [prompts or ""] * batch
-        if len(prompts) != batch:
-            raise ValueError(f"{batch} images but {len(prompts)} prompts: give one prompt per image (or one for all)")
-        embeds, mask = self.prompt_inputs(self.image_features(pixel_values), prompts)
-        gen.setdefault("max_new_tokens", 30)
-        out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=llm.pad_token_id, **gen)
-        return [t.strip() for t in llm.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    # ---- inference: what users call (docs/inference.md) ------------------------------------------------------
+    # Images are PIL images or paths (one or a sequence; pixel values [B, 3, H, W] work too); every method
+    # batches internally. ``**gen`` are the fields of ``blip2.infer.decoding.GenerationOptions``.
+
+    def generate(
+        self, images: Images, prompts: str | Sequence[str] | None = None, batch_size: int = 8, **gen
+    ) -> list[str]:
+        """Text for each image, conditioned on a prompt per image (or one for all; None: no prompt).
+
+        Greedy by default; ``num_beams`` for beam search, ``do_sample`` (with ``temperature``, ``top_p``,
+        ``top_k``) for sampling; ``max_new_tokens`` (30). A prompt too long for the LLM raises ValueError.
+        """
+        return generation.generate(self, images, prompts, batch_size, GenerationOptions.from_kwargs(gen))
+
+    def stream(self, image: ImageInput, prompt: str | None = None, **gen) -> Iterator[str]:
+        """``generate`` for one image, as text pieces while they are decoded (greedy or sampling)."""
+        return generation.stream(self, image, prompt, GenerationOptions.from_kwargs(gen))
+
+    def caption(self, images: Images, prompt: str | None = None, batch_size: int = 8, **gen) -> list[str]:
+        """A caption per image; ``prompt`` (e.g. "a photo of") is a prefix the caption continues."""
+        return self.generate(images, prompt, batch_size, **gen)
+
+    def answer(
+        self,
+        images: Images,
+        questions: str | Sequence[str],
+        prompt_template: str | None = None,
+        batch_size: int = 8,
+        **gen,
+    ) -> list[str]:
+        """Short answers: one question per image (or one for all, or one image for all questions).
+
+        Each question goes into the paper's prompt, "Question: {} Answer:" (decoder-only) or
+        "Question: {} Short answer:" (encoder-decoder), unless ``prompt_template`` (with one ``{}``) says otherwise.
+        """
+        questions = as_text_list(questions, "question")
+        images = as_image_list(images)
+        image_index, question_index = pair_up(len(images), "images", len(questions), "questions")
+        if isinstance(images, Tensor):
+            images = images[image_index]
+        else:
+            images = [images[i] for i in image_index]
+        prompts = generation.format_questions([questions[i] for i in question_index], prompt_template or generation.vqa_template(self._require_llm()))
+        return self.generate(images, prompts, batch_size, **gen)
+
+    def chat(self, image: ImageInput, system: str | None = None, cache: bool = True) -> ChatSession:
+        """A multi-turn conversation about ``image`` that encodes it once and keeps the LLM's key/value cache."""
+        return ChatSession(self, image, system=system, cache=cache)
+
+    def image_embeddings(self, images: Images, batch_size: int = 32) -> Tensor:
+        """Normalised ITC embeddings [B, Q, 256], one per query (image-text similarity = max over queries)."""
+        return embeddings.image_embeddings(self, images, batch_size)
+
+    def text_embeddings(self, texts: str | Sequence[str], batch_size: int = 64) -> Tensor:
+        """Normalised ITC embeddings [B, 256] of the texts ([CLS] through ``text_proj``)."""
+        return embeddings.text_embeddings(self, texts, batch_size)
+
+    def itm(self, images: Images, texts: str | Sequence[str], batch_size: int = 32) -> Tensor:
+        """Image-text match probabilities [B] (softmax of the ITM head, class 1) for pairs (image i, text i)."""
+        return embeddings.itm(self, images, texts, batch_size)
+
+    def qformer_caption(self, images: Images, batch_size: int = 8, **gen) -> list[str]:
+        """Captions from the Q-Former alone ([DEC]-started generation against the cached queries; no LLM needed).
+
+        Greedy, sampling or beam search (``num_beams``); stops at [SEP] or after ``max_new_tokens``.
+        """
+        options = GenerationOptions.from_kwargs(gen)
+        images = as_image_list(images)
+        captions: list[str] = []
+        for where in batch_slices(len(images), batch_size):
+            features = self.image_features(pixel_batch(self, images, where))
+            captions += qformer_generate(self, features, options)
+        return captions
