@@ -323,6 +323,8 @@ def _load(source: str | bytes, transform: Transform | None, name: str | None = N
 def _record_image(record: CaptionRecord | VQARecord, transform: Transform | FeatureCache | None) -> Any:
     """The record's image through ``transform``, or its cached frozen features when ``transform`` is a FeatureCache."""
     if isinstance(transform, FeatureCache):
+        if record.image_id not in transform:
+            return BadImage(record.image, f"image id {record.image_id!r} is not in the feature cache {transform.path}")
         return transform[record.image_id]
     return _load(record.image, transform)
 

@@ -9,6 +9,7 @@ Layout of a cache folder (written atomically)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,55 +24,62 @@ from blip2.weights.checkpoint import write_atomically
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
+def encoder_identity(vision_cfg, preprocess) -> dict:
+    """What makes cached features valid: the encoder's config and its preprocessing."""
+    return {"vision": dataclasses.asdict(vision_cfg), "size": list(preprocess.size), "mean": list(preprocess.mean),
+            "std": list(preprocess.std), "interpolation": preprocess.interpolation}
+
+
 def write_feature_cache(
     encode: Callable[[Tensor], Tensor],
-    batches: Iterable[tuple[list[str], Tensor]],
+    batches: Iterable[dict],
     out_dir: str | Path,
-    total: int,
-    describe: dict,
+    identity: dict,
     dtype: str = "float16",
     shard_size: int = 4096,
+    total: int | None = None,
 ) -> Path:
-    """Encode ``batches`` of (image_ids, pixel_values [B, 3, H, W]) with ``encode`` -> [B, N, D] and store them.
+    """Encode collated ``batches`` ({"image": [B, 3, H, W], "image_id": [...]}) with ``encode`` -> [B, N, D] and store them.
 
-    ``total`` is the number of images (for the progress bar and shard sizing); ``describe`` identifies the encoder
-    and its preprocessing, so a cache is never read with another encoder.
+    Images already stored (the same id twice) are skipped. ``identity`` describes the encoder and its preprocessing,
+    so a cache is never read with another encoder. ``total`` only sizes the progress bar.
     """
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    out_dir = Path(out_dir)
 
     def write(tmp: Path) -> None:
-        index: dict[str, list[int]] = {}
-        shard, shard_no, row, shape = None, -1, shard_size, None
+        index: dict[str, list[int]] = {}  # image id -> [shard, row]
+        pending: list[np.ndarray] = []  # rows of the shard being filled
+        shards, shape = 0, ()
+
+        def flush() -> None:
+            nonlocal shards
+            if pending:
+                np.save(tmp / f"shard-{shards:05d}.npy", np.stack(pending))  # [rows, N, D]
+                pending.clear()
+                shards += 1
+
         with tqdm(total=total, desc="caching features", unit="img") as bar:
-            for image_ids, pixels in batches:
+            for batch in batches:
+                keep = [k for k, image_id in enumerate(batch.get("image_id", [])) if image_id not in index]
+                bar.update(len(batch.get("image_id", [])) + len(batch.get("bad_images", [])))
+                if not keep:
+                    continue
                 with torch.no_grad():
-                    feats = encode(pixels).float().cpu().numpy()  # [B, N, D]
+                    feats = encode(batch["image"][keep]).float().cpu().numpy().astype(DTYPES[dtype])  # [B, N, D]
                 shape = feats.shape[1:]
-                for image_id, feat in zip(image_ids, feats):
-                    if image_id in index:
-                        continue
-                    if row == shard_size:
-                        shard_no, row = shard_no + 1, 0
-                        rows = min(shard_size, total - shard_no * shard_size)
-                        shard = np.lib.format.open_memmap(
-                            tmp / f"shard-{shard_no:05d}.npy", mode="w+", dtype=DTYPES[dtype], shape=(rows, *shape)
-                        )
-                    shard[row] = feat
-                    index[image_id] = [shard_no, row]
-                    row += 1
-                bar.update(len(image_ids))
-        if shard is not None:
-            shard.flush()
-        if len(index) != total:
-            raise ValueError(f"expected {total} distinct images but encoded {len(index)}: the dataset changed while caching")
+                for k, feat in zip(keep, feats):
+                    index[batch["image_id"][k]] = [shards, len(pending)]
+                    pending.append(feat)
+                    if len(pending) == shard_size:
+                        flush()
+        flush()
         (tmp / "index.json").write_text(json.dumps(index))
-        meta = {"encoder": describe, "shape": list(shape or []), "dtype": dtype, "count": len(index)}
+        meta = {"encoder": identity, "shape": list(shape), "dtype": dtype, "count": len(index)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
-    write_atomically(out_dir, write)
-    return out_dir
+    write_atomically(Path(out_dir), write)
+    return Path(out_dir)
 
 
 class FeatureCache:
