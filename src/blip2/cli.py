@@ -47,7 +47,7 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, defaul
         return
     parser.add_argument(
         *flags, dest=dest or name, type=kind, nargs="+" if many else None, choices=choices, default=default,
-        help=f"(default: {default})",
+        metavar=None if choices else name.upper(), help=f"(default: {default})",
     )  # fmt: skip
 
 

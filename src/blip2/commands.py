@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -181,7 +180,7 @@ def embed(
 
     Tensors: "image_embeds" [N, Q, 256] (one per query, normalised) and "text_embeds" [M, 256] (normalised);
     the image paths and texts are stored beside them (safetensors metadata "images"/"texts", or npz arrays).
-    Pass no image with "--texts ... -- " style or give images only. Unreadable images are reported and skipped (exit 1).
+    Unreadable images are reported on stderr and skipped; the exit status is then 1.
     """
     out = Path(output)
     if out.suffix not in (".safetensors", ".npz"):

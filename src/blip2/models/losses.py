@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,11 +18,46 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather along dim 0 keeping the autograd path to every rank's slice (LAVIS's ITC gather drops it)."""
+def batch_sizes(local: int, device: torch.device) -> list[int]:
+    """Every rank's batch size (they differ when a rank's collate dropped unreadable images)."""
+    if world()[1] == 1:
+        return [local]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world()[1])]
+    dist.all_gather(sizes, torch.tensor([local], device=device))
+    return [int(n) for n in sizes]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather rows of possibly different counts; backward sums every rank's gradient for this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:
+        rank, _ = world()
+        padded = x.new_zeros(max(sizes), *x.shape[1:])
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.rows = (sum(sizes[:rank]), x.shape[0])
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])  # [sum(sizes), ...]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # d(sum of every rank's loss) / d(all rows)
+        start, count = ctx.rows
+        return grad[start : start + count], None
+
+
+def gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
+    """All-gather along dim 0 keeping the autograd path to every rank's rows (LAVIS's ITC gather drops it)."""
     if world()[1] == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x, sizes or batch_sizes(x.shape[0], x.device))
+
+
+def row_offset(sizes: list[int]) -> int:
+    """Where this rank's rows start in a gathered batch."""
+    return sum(sizes[: world()[0]])
 
 
 def itc_similarities(image_feats: Tensor, text_feat: Tensor, image_all: Tensor, text_all: Tensor, temp: Tensor):
@@ -36,13 +70,14 @@ def itc_similarities(image_feats: Tensor, text_feat: Tensor, image_all: Tensor, 
     return sim_i2t, sim_t2i
 
 
-def itc_loss(image_feats: Tensor, text_feat: Tensor, temp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def itc_loss(image_feats: Tensor, text_feat: Tensor, temp: Tensor, sizes: list[int] | None = None):
     """Image-text contrastive loss over the global batch; returns (loss, sim_i2t, sim_t2i)."""
-    rank, _ = world()
-    image_all, text_all = gather_with_grad(image_feats), gather_with_grad(text_feat)
-    sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, image_all, text_all, temp)
     batch = image_feats.shape[0]
-    targets = torch.arange(rank * batch, (rank + 1) * batch, device=image_feats.device)
+    sizes = sizes or batch_sizes(batch, image_feats.device)
+    image_all, text_all = gather_with_grad(image_feats, sizes), gather_with_grad(text_feat, sizes)
+    sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, image_all, text_all, temp)
+    start = row_offset(sizes)
+    targets = torch.arange(start, start + batch, device=image_feats.device)
     loss = (
         F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
         + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)
@@ -50,22 +85,23 @@ def itc_loss(image_feats: Tensor, text_feat: Tensor, temp: Tensor) -> tuple[Tens
     return loss, sim_i2t, sim_t2i
 
 
-def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """For each local row, one global index sampled from softmax(sim) with its own positive masked out. [B, G] -> [B]."""
-    rank, _ = world()
-    batch = sim.shape[0]
+def sample_hard_negatives(sim: Tensor, start: int) -> Tensor:
+    """For each local row, one global index sampled from softmax(sim) with its own positive (at ``start`` + row)
+    masked out. [B, G] -> [B]."""
     weights = sim.detach().float().softmax(dim=1)
-    own = torch.arange(batch, device=sim.device)
-    weights[own, rank * batch + own] = 0
+    own = torch.arange(sim.shape[0], device=sim.device)
+    weights[own, start + own] = 0
     weights = weights + 1e-12 * (weights.sum(dim=1, keepdim=True) == 0)  # a batch of one has no negative; stay finite
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return torch.multinomial(weights, 1).squeeze(1)
 
 
-def itm_loss(model, image_embeds_all: Tensor, image_embeds: Tensor, ids: Tensor, mask: Tensor, sim_i2t, sim_t2i) -> Tensor:
+def itm_loss(model, image_embeds: Tensor, ids: Tensor, mask: Tensor, sim_i2t, sim_t2i, sizes: list[int]) -> Tensor:
     """Image-text matching with hard negatives: batch = (pos, pos, neg) images x (pos, neg, pos) texts."""
-    ids_all, mask_all = gather_with_grad(ids), gather_with_grad(mask)
-    neg_image = image_embeds_all[sample_hard_negatives(sim_t2i)]  # one hard negative image per text
-    neg_text = sample_hard_negatives(sim_i2t)  # one hard negative text per image
+    image_embeds_all = gather_with_grad(image_embeds, sizes)  # [G, N, D]
+    ids_all, mask_all = _gather_padded_text(ids, mask, sizes)
+    start = row_offset(sizes)
+    neg_image = image_embeds_all[sample_hard_negatives(sim_t2i, start)]  # one hard negative image per text
+    neg_text = sample_hard_negatives(sim_i2t, start)  # one hard negative text per image
     images = torch.cat([image_embeds, image_embeds, neg_image])  # [3B, N, D]
     texts = torch.cat([ids, ids_all[neg_text], ids])  # [3B, T]
     masks = torch.cat([mask, mask_all[neg_text], mask])
@@ -74,6 +110,16 @@ def itm_loss(model, image_embeds_all: Tensor, image_embeds: Tensor, ids: Tensor,
     batch = ids.shape[0]
     labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
     return F.cross_entropy(logits, labels)
+
+
+def _gather_padded_text(ids: Tensor, mask: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
+    """Gather token ids/masks whose lengths differ across ranks: pad to the longest first."""
+    if world()[1] == 1:
+        return ids, mask
+    lengths = batch_sizes(ids.shape[1], ids.device)
+    pad = max(lengths) - ids.shape[1]
+    ids, mask = F.pad(ids, (0, pad)), F.pad(mask, (0, pad))
+    return gather_with_grad(ids, sizes), gather_with_grad(mask, sizes)
 
 
 def itg_loss(model, query_cache, ids: Tensor, mask: Tensor) -> Tensor:
@@ -96,8 +142,9 @@ def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor) -> dict[st
     query_out = model.qformer(image_embeds=image_embeds, use_cache=True)
     image_feats = model.image_embeds_itc(query_out.queries)  # [B, Q, E]
     text_feat = model.text_embeds_itc(ids, mask)  # [B, E]
-    itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, model.temp)
-    itm = itm_loss(model, gather_with_grad(image_embeds), image_embeds, ids, mask, sim_i2t, sim_t2i)
+    sizes = batch_sizes(ids.shape[0], ids.device)
+    itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, model.temp, sizes)
+    itm = itm_loss(model, image_embeds, ids, mask, sim_i2t, sim_t2i, sizes)
     itg = itg_loss(model, query_out.cache, ids, mask)
     return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,12 @@ from torch.utils.data import ConcatDataset
 
 from blip2.api import build_model
 from blip2.config import Blip2Config, ConfigError
-from blip2.data.datasets import open_dataset
+from blip2.data.datasets import BadImageCounter, open_dataset
 from blip2.data.feature_cache import FeatureCache, encoder_identity
 from blip2.train.distributed import is_main
 from blip2.train.stages import Stage1Collate, Stage2Collate, stage1_step, stage2_step
 from blip2.train.trainer import TrainConfig, Trainer
-from blip2.weights.checkpoint import WEIGHTS_NAME, check_state, read_weights
+from blip2.weights.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state, read_weights, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +151,16 @@ def run_recipe(recipe: Recipe) -> Path:
     if is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    Trainer(model, step, dataset, recipe.train, collate_fn=collate).fit()
+    bad_images = BadImageCounter(recipe.data.max_bad_images)
+    result = Trainer(model, step, dataset, recipe.train, collate_fn=collate, batch_hook=bad_images.update).fit()
+    if bad_images.bad:
+        logger.warning(bad_images.summary())
     final = out_dir / "final"
+
+    def write_final(tmp: Path) -> None:  # the last step checkpoint already holds the (gathered) trainable weights
+        model.cfg.save(tmp / CONFIG_NAME)
+        shutil.copy(Path(result["checkpoint"]) / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+
     if is_main():
-        model.save(final)
+        write_atomically(final, write_final)
     return final

@@ -44,11 +44,11 @@ def stage1_step(model, batch: dict[str, Any]) -> dict[str, Tensor]:
     return stage1_losses(model, features, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
 
 
-def prompt_and_target(item: dict[str, Any], family: str, rng: random.Random) -> tuple[str, str]:
+def prompt_and_target(item: dict[str, Any], family: str, seed: int = 0) -> tuple[str, str]:
     """What the LLM reads (after the visual prompt) and what it must produce, for a caption or a VQA item.
 
     Decoder-only captions: no prompt, the caption is the target. Encoder-decoder captions: prefix language
-    modelling — the caption is split at a random word boundary; the prefix goes to the encoder.
+    modelling — the caption is split at a word boundary drawn from (seed, image, caption); the prefix goes to the encoder.
     VQA items: the paper's prompt for the family, the first answer as the target.
     """
     if "question" in item:
@@ -57,7 +57,7 @@ def prompt_and_target(item: dict[str, Any], family: str, rng: random.Random) -> 
     if family == "decoder-only":
         return CAPTION_PROMPT, text
     words = text.split()
-    cut = rng.randint(0, max(len(words) - 1, 0))
+    cut = random.Random(f"{seed}/{item['image_id']}/{text}").randint(0, max(len(words) - 1, 0))  # reproducible on resume
     return " ".join(words[:cut]), " ".join(words[cut:])
 
 
@@ -67,7 +67,7 @@ class Stage2Collate:
     def __init__(self, llm, max_len: int, seed: int = 0):
         self.llm, self.max_len = llm, max_len
         self.family = "encoder-decoder" if llm.is_encoder_decoder else "decoder-only"
-        self.rng = random.Random(seed)
+        self.seed = seed
 
     def __call__(self, items: list) -> dict[str, Any]:
         batch = collate_skip_bad([self._as_pair(item) if isinstance(item, dict) else item for item in items])
@@ -77,7 +77,7 @@ class Stage2Collate:
         return batch
 
     def _as_pair(self, item: dict[str, Any]) -> dict[str, Any]:
-        prompt, target = prompt_and_target(item, self.family, self.rng)
+        prompt, target = prompt_and_target(item, self.family, self.seed)
         return {"image": item["image"], "image_id": item["image_id"], "prompt": prompt, "target": target}
 
     def _ids(self, texts) -> list[list[int]]:

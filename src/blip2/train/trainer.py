@@ -373,8 +373,10 @@ class Trainer:
         collate_fn: Callable | None = None,
         param_groups: Callable[[nn.Module], list[dict]] | None = None,
         state_fn: Callable[[nn.Module], dict[str, Tensor]] | None = None,
+        batch_hook: Callable[[Any], None] | None = None,
     ):
         self.cfg = cfg
+        self.batch_hook = batch_hook  # sees every collated batch in the main process (e.g. to count bad images)
         self.rank, self.world, _, self.device = setup_distributed()
         self.model = model.to(self.device)
         self.state_fn = state_fn or default_state_fn
@@ -455,6 +457,8 @@ class Trainer:
         epochs_started = 0
         while True:
             batch = self.data.next()
+            if self.batch_hook is not None and batch is not EPOCH_END:
+                self.batch_hook(batch)
             local = -1 if batch is EPOCH_END else batch_size_of(batch)
             agreed = local
             if self.world > 1:

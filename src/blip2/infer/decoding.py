@@ -1,0 +1,257 @@
+"""Decoding one token at a time over a key/value cache: the options, the choice of the next token, the loop,
+and turning token ids into printable text as they arrive.
+
+Batched, non-streaming generation goes through transformers' ``generate`` (it has beam search); this module
+is what streams (``model.stream``, ``ChatSession.stream``) and what lets a chat keep its cache between
+turns: the loop below feeds every chosen token except the last, so after it the cache holds exactly the
+sequence so far minus that last token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.generation import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+from blip2.models.language import FrozenLLM
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How text is decoded: greedy by default, beam search with ``num_beams > 1``, sampling with ``do_sample``.
+
+    ``top_k=0`` and ``top_p=1.0`` switch those filters off. ``length_penalty`` only affects beam search
+    (scores are divided by length ** length_penalty). ``seed`` makes sampling reproducible without touching
+    the global random state.
+    """
+
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.num_beams >= 1, "num_beams must be >= 1"),
+            (self.temperature > 0, "temperature must be > 0 (use do_sample=False for greedy decoding)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0: no top-k filter)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0: none)"),
+            (not (self.do_sample and self.num_beams > 1), "choose beam search (num_beams > 1) or sampling (do_sample), not both"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}; got {self}")
+
+    @classmethod
+    def from_kwargs(cls, gen: dict) -> "GenerationOptions":
+        """Options from keyword arguments, refusing unknown names (a typo would otherwise be ignored)."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(gen) - set(known))
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {unknown}; known: {known}")
+        return cls(**gen)
+
+    def hf_kwargs(self, llm: FrozenLLM) -> dict:
+        """The same choice expressed as transformers ``generate`` arguments."""
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
+            repetition_penalty=self.repetition_penalty, eos_token_id=llm.eos_token_id, pad_token_id=llm.pad_token_id,
+        )  # fmt: skip
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:  # transformers' defaults (or a model's generation_config) must not switch on sampling filters
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.num_beams > 1:
+            kwargs.update(length_penalty=self.length_penalty)
+        return kwargs
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A private random generator for sampling when ``seed`` is set (None: torch's global one)."""
+        return torch.Generator(device).manual_seed(self.seed) if self.seed is not None else None
+
+    @contextlib.contextmanager
+    def seeded(self, device: torch.device):
+        """Run a block with torch's global RNG seeded by ``seed`` (and restored afterwards); a no-op without seed."""
+        if self.seed is None:
+            yield
+            return
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            yield
+
+
+def next_token(logits: Tensor, options: GenerationOptions, generated: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Logits of the next position [B, V] and the tokens generated so far [B, T] -> the chosen tokens [B]."""
+    scores = logits.float()
+    if options.repetition_penalty != 1.0 and generated.shape[1]:
+        scores = RepetitionPenaltyLogitsProcessor(options.repetition_penalty)(generated, scores)
+    if not options.do_sample:
+        return scores.argmax(dim=-1)
+    scores = scores / options.temperature
+    if options.top_k:
+        scores = TopKLogitsWarper(options.top_k)(generated, scores)
+    if options.top_p < 1.0:
+        scores = TopPLogitsWarper(options.top_p)(generated, scores)
+    return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)  # [B]
+
+
+def decode_loop(
+    first_logits: Tensor, feed: Callable[[int], Tensor], options: GenerationOptions, eos_token_id: int | None
+) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` chosen tokens for one sequence, stopping after EOS (which is yielded).
+
+    ``first_logits`` [1, V] are the logits after the prompt; ``feed(token)`` runs one token and returns the
+    logits [1, V] after it. The last token yielded is never fed.
+    """
+    generator = options.generator(first_logits.device)
+    generated = torch.empty(1, 0, dtype=torch.long, device=first_logits.device)  # [1, T]
+    logits = first_logits
+    for step in range(options.max_new_tokens):
+        token = int(next_token(logits, options, generated, generator))
+        yield token
+        if token == eos_token_id or step == options.max_new_tokens - 1:
+            return
+        generated = torch.cat([generated, generated.new_tensor([[token]])], dim=1)
+        logits = feed(token)
+
+
+class DecoderRunner:
+    """A decoder-only LLM run over one growing sequence (batch 1): each ``feed`` adds positions to its cache.
+
+    Positions continue from the cache length (the model derives them; no padding in a single sequence).
+    ``truncate`` drops cached positions, e.g. when a chat's next prompt diverges from what the cache holds.
+    """
+
+    def __init__(self, llm: FrozenLLM):
+        self.llm = llm
+        self.cache = None  # a transformers Cache after the first feed
+        self._keep_last = "logits_to_keep" in inspect.signature(llm.model.forward).parameters
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def feed(self, embeds: Tensor) -> Tensor:
+        """Input embeddings [1, L, H] of the next L positions -> logits [1, V] after the last one."""
+        extra = {"logits_to_keep": 1} if self._keep_last else {}
+        out = self.llm.model(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True, **extra)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]  # [1, V]
+
+    def feed_token(self, token: int) -> Tensor:
+        ids = torch.tensor([[token]], device=self.llm.model.device)  # [1, 1]
+        return self.feed(self.llm.embed(ids))
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` cached positions (all of them are dropped if the cache cannot crop)."""
+        if length >= self.length:
+            return
+        if length > 0:
+            self.cache.crop(length - self.length)  # transformers 5: a negative count removes that many positions
+        if length == 0 or self.length != length:
+            self.cache = None
+
+
+class EncoderDecoderRunner:
+    """An encoder-decoder LLM (T5): the encoder runs once over the prompt, the decoder token by token."""
+
+    def __init__(self, llm: FrozenLLM, embeds: Tensor, mask: Tensor):
+        """``embeds`` [1, L, H] and ``mask`` [1, L]: the encoder input (soft prompt + prompt text)."""
+        self.llm = llm
+        self.mask = mask
+        self.encoder_outputs = llm.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        self.cache = None
+
+    def start(self) -> Tensor:
+        """Logits [1, V] of the first decoder position (after the decoder start token)."""
+        return self.feed_token(self.llm.model.config.decoder_start_token_id)
+
+    def feed_token(self, token: int) -> Tensor:
+        ids = torch.tensor([[token]], device=self.mask.device)  # [1, 1]
+        out = self.llm.model(
+            encoder_outputs=self.encoder_outputs, attention_mask=self.mask, decoder_input_ids=ids,
+            past_key_values=self.cache, use_cache=True,
+        )  # fmt: skip
+        self.cache = out.past_key_values
+        return out.logits[:, -1]  # [1, V]
+
+
+@torch.no_grad()
+def stream_tokens(llm: FrozenLLM, embeds: Tensor, mask: Tensor, options: GenerationOptions) -> Iterator[int]:
+    """New tokens for one prompt (``embeds`` [1, L, H], ``mask`` [1, L] all ones), decoded with a fresh cache."""
+    if llm.is_encoder_decoder:
+        runner = EncoderDecoderRunner(llm, embeds, mask)
+        first = runner.start()
+    else:
+        runner = DecoderRunner(llm)
+        first = runner.feed(embeds)
+    yield from decode_loop(first, runner.feed_token, options, llm.eos_token_id)
+
+
+_LAST_SPACE = re.compile(r"\s(?=\S*$)")
+
+
+class TextPieces:
+    """Token ids in, printable text pieces out, as a stream shows them.
+
+    Text is released up to its last whitespace: the word being written may still change (a character split
+    over tokens decodes as U+FFFD until complete; tokenizers may tidy spaces before punctuation). Leading
+    and trailing whitespace is dropped, so the pieces join to ``decode(ids).strip()``.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.text()
+        match = _LAST_SPACE.search(text)
+        return self._release(text[: match.start()] if match else "")
+
+    def finish(self) -> str:
+        return self._release(self.text())
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+
+    def _release(self, ready: str) -> str:
+        if len(ready) <= len(self.shown):
+            return ""
+        piece, self.shown = ready[len(self.shown):], ready
+        return piece
+
+
+def text_pieces(tokens: Iterator[int], tokenizer) -> Iterator[str]:
+    """Printable pieces of the text that ``tokens`` spell, as they arrive (see ``TextPieces``).
+
+    Closing this iterator closes ``tokens`` too, so whatever produces them learns that the reader stopped.
+    """
+    pieces = TextPieces(tokenizer)
+    try:
+        for token in tokens:
+            piece = pieces.add(token)
+            if piece:
+                yield piece
+    finally:
+        tokens.close()
+    tail = pieces.finish()
+    if tail:
+        yield tail

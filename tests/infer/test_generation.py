@@ -1,0 +1,150 @@
+"""Captions, answers, instructed generation and streaming on tiny random models (Llama with a chat template, OPT, T5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from blip2.data.images import ImageError
+from blip2.infer.decoding import GenerationOptions, TextPieces, text_pieces
+
+FAMILIES = ("llama", "opt", "t5")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_batches_and_accepts_paths_pil_and_one_image(tiny_model, image_files, family):
+    model = tiny_model(family)
+    prompts = ["a photo of", "what color is the cat", "w1 w2 w3 w4 w5"]  # different lengths: left padding
+    together = model.generate(image_files, prompts, batch_size=3, max_new_tokens=6)
+    one_by_one = model.generate(image_files, prompts, batch_size=1, max_new_tokens=6)
+    assert together == one_by_one
+    assert len(together) == 3 and len(set(together)) > 1, together
+    from PIL import Image
+
+    assert model.generate(Image.open(image_files[1]), prompts[1], max_new_tokens=6) == [together[1]]
+    assert model.generate(str(image_files[2]), prompts[2], max_new_tokens=6) == [together[2]]
+    assert model.generate([], None) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stream_joins_to_the_greedy_generation(tiny_model, image_files, family):
+    """Our token loop (the one chat uses) against transformers' generate, on each LLM family."""
+    model = tiny_model(family, seed=1)
+    for path, prompt in zip(image_files, ["a photo of", None, "what is on the mat"]):
+        pieces = list(model.stream(path, prompt, max_new_tokens=10))
+        assert "".join(pieces) == model.generate([path], prompt, max_new_tokens=10)[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_answer_uses_the_papers_prompt_of_the_llm_family(tiny_model, image_files, family):
+    model = tiny_model(family)
+    template = {"llama": "Question: {} Answer:", "t5": "Question: {} Short answer:"}[family]
+    questions = ["what color is the cat", "what is on the mat", "is the dog red"]
+    answers = model.answer(image_files, questions, max_new_tokens=5)
+    assert answers == model.generate(image_files, [template.format(q) for q in questions], max_new_tokens=5)
+    custom = model.answer(image_files, questions, prompt_template="w1 {} w2", max_new_tokens=5)
+    assert custom == model.generate(image_files, [f"w1 {q} w2" for q in questions], max_new_tokens=5)
+    # one image, several questions
+    assert model.answer(image_files[0], questions, max_new_tokens=5)[0] == answers[0]
+    with pytest.raises(ValueError, match="exactly one"):
+        model.answer(image_files, questions, prompt_template="no slot")
+
+
+def test_caption_is_generate_with_an_optional_prefix(tiny_model, image_files):
+    model = tiny_model("opt")
+    assert model.caption(image_files, max_new_tokens=4) == model.generate(image_files, None, max_new_tokens=4)
+    assert model.caption(image_files, "a photo of", max_new_tokens=4) == model.generate(image_files, "a photo of", max_new_tokens=4)
+
+
+def test_beam_search_and_sampling(tiny_model, image_files):
+    model = tiny_model("llama", seed=2)
+    greedy = model.generate(image_files, "a photo of", max_new_tokens=6)
+    assert model.generate(image_files, "a photo of", max_new_tokens=6, num_beams=1) == greedy
+    beams = model.generate(image_files, "a photo of", max_new_tokens=6, num_beams=4)
+    assert len(beams) == 3 and all(isinstance(text, str) for text in beams)
+
+    state = torch.random.get_rng_state()
+    first = model.generate(image_files, "a photo of", max_new_tokens=8, do_sample=True, temperature=2.0, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state), "a seeded run must leave the global RNG alone"
+    again = model.generate(image_files, "a photo of", max_new_tokens=8, do_sample=True, temperature=2.0, seed=7)
+    other = model.generate(image_files, "a photo of", max_new_tokens=8, do_sample=True, temperature=2.0, seed=8)
+    assert first == again and first != other
+    streamed = ["".join(model.stream(image_files[0], "a photo of", max_new_tokens=8, do_sample=True, temperature=2.0, seed=s)) for s in (1, 1, 2)]
+    assert streamed[0] == streamed[1] != streamed[2]
+
+
+def test_bad_inputs_raise_clear_errors(tiny_model, image_files, tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        model.generate(image_files[:2], ["a photo of", "  "])
+    with pytest.raises(ValueError, match="question 0 is empty"):
+        model.answer(image_files[0], "")
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        model.generate(image_files, ["a", "b"])
+    with pytest.raises(TypeError, match="unknown generation option.*max_tokens"):
+        model.caption(image_files, max_tokens=3)
+    with pytest.raises(ValueError, match="not both"):
+        model.caption(image_files, num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="num_beams=1"):
+        model.stream(image_files[0], num_beams=3)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.jpg: empty file"):
+        model.caption([image_files[0], empty])
+
+
+def test_an_over_long_prompt_is_refused_with_the_overflow(tiny_model, image_files):
+    model = tiny_model("llama")  # context: 256 positions
+    long_prompt = " ".join(["cat"] * 230)  # 230 + 4 visual + BOS + 30 new tokens = 265
+    with pytest.raises(ValueError, match=r"prompt 1 is 230 tokens.*context of 256 tokens by 9"):
+        model.generate(image_files[:2], ["a photo of", long_prompt])
+    assert len(model.generate(image_files[:1], long_prompt, max_new_tokens=21)[0].split()) <= 21  # fits exactly
+
+
+def test_an_error_while_streaming_surfaces_and_nothing_hangs(tiny_model, image_files, monkeypatch):
+    model = tiny_model("llama")
+    calls = []
+    original = model.llm.model.forward
+
+    def failing_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.llm.model, "forward", failing_forward)
+    pieces = model.stream(image_files[0], "a photo of", max_new_tokens=10)
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(pieces)
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE (GPT-2 style, like SmolLM2's) trained in-process: multi-byte characters span tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"])
+    backend.train_from_iterator(["the cat sat on the mat", "a dog and a cat"] * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+def test_text_pieces_wait_for_whole_characters_and_join_to_the_decoded_text():
+    tokenizer = byte_level_tokenizer()
+    text = " the café cat 🐱 sat\non the mat "
+    ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(ids) > len(text.split())  # multi-byte characters are split over several tokens
+    pieces = list(text_pieces(iter(ids), tokenizer))
+    assert "".join(pieces) == text.strip()
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert len(pieces) >= 5  # released word by word, not all at the end
+    partial = TextPieces(tokenizer)
+    assert [partial.add(i) for i in tokenizer("caf")["input_ids"]][-1] == ""  # the last word is held back
+
+
+def test_generation_options_validate_themselves():
+    assert GenerationOptions.from_kwargs({"max_new_tokens": 5}).max_new_tokens == 5
+    for bad in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"num_beams": 0}):
+        with pytest.raises(ValueError):
+            GenerationOptions(**bad)
