@@ -127,11 +127,10 @@ def itg_loss(model, query_cache, ids: Tensor, mask: Tensor) -> Tensor:
     dec_ids = ids.clone()
     dec_ids[:, 0] = model.tokenizer.bos_token_id  # [DEC] replaces [CLS]
     text = model.qformer(input_ids=dec_ids, text_mask=mask, mode="causal", past=query_cache).text  # [B, T, H]
-    logits = model.qformer.lm_logits(text)  # [B, T, V]
-    labels = ids.masked_fill(mask == 0, IGNORE)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, label_smoothing=LABEL_SMOOTHING
-    )
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)  # position t predicts token t + 1
+    scored = labels != IGNORE
+    logits = model.qformer.lm_logits(text[:, :-1][scored])  # [M, V]: the LM head only where a label exists
+    return F.cross_entropy(logits, labels[scored], label_smoothing=LABEL_SMOOTHING)
 
 
 def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
