@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -70,14 +69,17 @@ def bert_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def init_qformer_from_bert(qformer: QFormer, name: str) -> None:
-    """Copy a BERT's embeddings and layers into ``qformer`` (query FFN = text FFN); cross-attention stays random."""
+    """Copy a BERT's embeddings and (first ``num_layers``) layers into ``qformer`` (query FFN = text FFN);
+    cross-attention stays random."""
     path = resolve_bert_dir(name)
     state = bert_state_dict(path)
-    num_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
-    if num_layers != qformer.cfg.num_layers:
-        raise KeyMapError(f"{path} has {num_layers} layers but the Q-Former config asks for {qformer.cfg.num_layers}")
-    mapping = expand(BERT_TO_QFORMER, num_layers)
-    unknown = sorted(set(state) - set(mapping) - set(BERT_UNUSED))
+    bert_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
+    num_layers = qformer.cfg.num_layers
+    if num_layers > bert_layers:
+        raise KeyMapError(f"{path} has {bert_layers} layers but the Q-Former config asks for {num_layers}")
+    mapping = expand(BERT_TO_QFORMER, num_layers)  # a shallower Q-Former takes the first num_layers layers
+    skipped = set(expand(BERT_TO_QFORMER, bert_layers)) - set(mapping)
+    unknown = sorted(set(state) - set(mapping) - skipped - set(BERT_UNUSED))
     if unknown:
         raise KeyMapError(f"{path}: unexpected keys for a BERT checkpoint: {unknown[:8]}")
     target = qformer.state_dict()
@@ -98,17 +100,3 @@ def init_qformer_from_bert(qformer: QFormer, name: str) -> None:
                 converted[f"layers.{i}.query_ffn.{part}.{p}"] = converted[f"layers.{i}.text_ffn.{part}.{p}"].clone()
     target.update(converted)  # the rest (queries, cross-attention, LM head) keeps its init
     qformer.load_state_dict(target)
-
-
-def bert_qformer_shape(name: str) -> dict[str, int]:
-    """The Q-Former config fields a BERT directory fixes (sizes, vocab incl. [DEC])."""
-    cfg = json.loads((resolve_bert_dir(name) / "config.json").read_text())
-    return dict(
-        hidden_size=cfg["hidden_size"],
-        num_layers=cfg["num_hidden_layers"],
-        num_heads=cfg["num_attention_heads"],
-        intermediate_size=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"] + 1,
-        max_position_embeddings=cfg["max_position_embeddings"],
-        layer_norm_eps=cfg["layer_norm_eps"],
-    )
