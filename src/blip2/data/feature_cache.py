@@ -111,4 +111,4 @@ class FeatureCache:
             shard, row = self.index[image_id]
         except KeyError:
             raise KeyError(f"image {image_id!r} is not in the feature cache {self.path}") from None
-        return torch.from_numpy(np.asarray(self.shards[shard][row], dtype=np.float32))
+        return torch.from_numpy(np.array(self.shards[shard][row], dtype=np.float32))  # a writable copy

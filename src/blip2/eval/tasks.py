@@ -1,0 +1,473 @@
+"""Dataset-level evaluation: run a model over a caption, VQA or retrieval dataset and score what it produced.
+
+``evaluate(task, model, data, out_dir)`` is what ``blip2 eval TASK`` runs. Data is any file or folder that
+``open_dataset`` reads (COCO / Karpathy JSON, VQAv2 questions + annotations, JSONL manifests, a shapes-world
+split folder). Images are read and encoded in batches, each distinct image once; a ``FeatureCache`` of the
+model's frozen encoder (``features=``) replaces the encoder altogether. Unreadable images are skipped and
+counted (``skipped_images``). The metrics come from ``eval/captioning.py``, ``eval/vqa.py`` and
+``eval/retrieval.py``; see docs/evaluation.md ("Evaluating a model").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from blip2.data.datasets import (
+    CAPTION,
+    MANIFEST_IN_FOLDER,
+    VQA,
+    BadImageCounter,
+    CaptionDataset,
+    DatasetFormatError,
+    VQADataset,
+    collate_skip_bad,
+    detect_kind,
+    open_dataset,
+)
+from blip2.data.feature_cache import FeatureCache, encoder_identity
+from blip2.eval.captioning import evaluate_captions
+from blip2.eval.report import write_report
+from blip2.eval.retrieval import recall_at_k, rerank_topk
+from blip2.eval.vqa import evaluate_vqa
+from blip2.infer.batching import batch_slices
+from blip2.infer.decoding import GenerationOptions
+from blip2.infer.generation import check_prompt_lengths, format_questions, vqa_template
+from blip2.infer.qformer_generation import qformer_generate
+
+if TYPE_CHECKING:
+    from blip2.models.blip2 import Blip2Model
+
+CAPTION_METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr")  # BLEU-1..4, METEOR, ROUGE-L, CIDEr
+RECALL_KS = (1, 5, 10)
+VQA_GENERATION = {"max_new_tokens": 10}  # answers are a few words; beam search is the caller's choice (the paper: 5 beams)
+TOP_RETRIEVED = 5  # how many retrieved items the retrieval predictions file lists per query
+
+FeaturesArg = FeatureCache | str | Path | None
+
+
+# ------------------------------------------------------------------------ running a model over a dataset
+
+
+@contextlib.contextmanager
+def eval_mode(model: "Blip2Model") -> Iterator[None]:
+    """Dropout off while evaluating; the model's train/eval state is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def resolve_features(model: "Blip2Model", features: FeaturesArg) -> FeatureCache | None:
+    """A feature cache folder (checked against ``model``'s encoder and preprocessing) or an open cache, or None."""
+    if features is None or isinstance(features, FeatureCache):
+        return features
+    return FeatureCache(features, expect=encoder_identity(model.cfg.vision, model.vision.preprocess))
+
+
+def open_eval_dataset(
+    model: "Blip2Model", data: str | Path, task: str, cache: FeatureCache | None, image_root: str | Path | None = None,
+    annotations: str | Path | None = None,
+) -> CaptionDataset | VQADataset:
+    """``data`` opened for ``task`` with the encoder's eval preprocessing (or the cached features) as transform."""
+    transform = cache if cache is not None else model.vision.preprocess.eval_transform()
+    dataset = open_dataset(data, transform=transform, task=task, image_root=image_root, annotations=annotations)
+    if not isinstance(dataset, (CaptionDataset, VQADataset)):
+        raise DatasetFormatError(
+            f"{data}: evaluation needs a dataset with a known length (a manifest, COCO/VQAv2 JSON or a shapes split "
+            "folder), not streamed tar shards"
+        )
+    return dataset
+
+
+def batches(dataset, limit: int | None, batch_size: int, desc: str, progress: bool, counter: BadImageCounter):
+    """The first ``limit`` items (all: None) in collated batches, bad images dropped and counted by ``counter``."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of items (or None for all), got {limit}")
+    items = Subset(dataset, range(min(limit, len(dataset)))) if limit is not None else dataset
+    loader = DataLoader(items, batch_size=batch_size, collate_fn=collate_skip_bad)
+    return counter.track(tqdm(loader, desc=desc, unit="batch", disable=not progress))
+
+
+def batch_features(model: "Blip2Model", batch: dict[str, Any], cached: bool) -> Tensor:
+    """Frozen features [B, N, D] on the model's device for a collated batch: its pixels [B, 3, H, W] run through
+    the encoder (each distinct image id once), or its cached features [B, N, D] as they are."""
+    images = batch["image"]
+    if cached:
+        return images.to(model.device)
+    first_row: dict[str, int] = {}  # image id -> the first batch row that holds it
+    for row, image_id in enumerate(batch["image_id"]):
+        first_row.setdefault(image_id, row)
+    slot = {image_id: index for index, image_id in enumerate(first_row)}
+    features = model.image_features(images[list(first_row.values())].to(model.device))  # [U, N, D]
+    return features[torch.tensor([slot[image_id] for image_id in batch["image_id"]], device=features.device)]  # [B, N, D]
+
+
+def texts_from_features(
+    model: "Blip2Model", features: Tensor, prompts: Sequence[str] | None, options: GenerationOptions
+) -> list[str]:
+    """One generated text per row of ``features`` [B, N, D]: through the LLM after a prompt per row (None: no
+    prompt; the text is what follows the prompt), or, for a stage-1 model, from the Q-Former's captioning head."""
+    llm = model.llm
+    if llm is None:
+        if prompts is not None and any(prompts):
+            raise ValueError("a stage-1 model captions with its Q-Former, which takes no prompt: drop the prompt "
+                             "or use a stage-2 model")
+        return qformer_generate(model, features, options)
+    prompts = list(prompts) if prompts is not None else [""] * len(features)
+    longest = check_prompt_lengths(llm, model.qformer.num_queries, prompts, options)
+    embeds, mask = model.prompt_inputs(features, prompts, max_len=max(longest, 1) + 1)  # + BOS (or EOS for T5)
+    with options.seeded(embeds.device):
+        out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(llm))
+    return [text.strip() for text in llm.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _official_id(value: str) -> int | str:
+    """COCO/VQAv2 result files use integer ids: "391895" -> 391895; other ids stay strings."""
+    return int(value) if value.isdigit() else value
+
+
+# ---------------------------------------------------------------------------------------------- captioning
+
+
+def evaluate_captioning(
+    model: "Blip2Model",
+    data: str | Path,
+    limit: int | None = None,
+    batch_size: int = 16,
+    prompt: str | None = None,
+    features: FeaturesArg = None,
+    *,
+    metrics: Sequence[str] = CAPTION_METRICS,
+    image_root: str | Path | None = None,
+    progress: bool = True,
+    **gen,
+) -> dict[str, Any]:
+    """Caption every image of ``data`` (the first ``limit``) and score against its reference captions.
+
+    Stage-2 models caption through the LLM (``prompt``, e.g. "a photo of", is a prefix the caption continues
+    and is not part of it); stage-1 models with the Q-Former's own head. ``**gen``: ``GenerationOptions``.
+    Returns ``metrics`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr; fractions), counts, and ``predictions``
+    (COCO results format ``[{"image_id", "caption"}]``). Images without reference captions are captioned
+    but not scored.
+    """
+    options = GenerationOptions.from_kwargs(gen)
+    cache = resolve_features(model, features)
+    dataset = open_eval_dataset(model, data, CAPTION, cache, image_root)
+    references = {record.image_id: list(record.captions) for record in dataset.records}
+    counter = BadImageCounter()
+    predictions: dict[str, str] = {}
+    with eval_mode(model):
+        for batch in batches(dataset, limit, batch_size, "captioning", progress, counter):
+            feats = batch_features(model, batch, cache is not None)  # [B, N, D]
+            prompts = [prompt] * len(feats) if prompt else None
+            predictions.update(zip(batch["image_id"], texts_from_features(model, feats, prompts, options)))
+    scored = {image_id: references[image_id] for image_id in predictions if references[image_id]}
+    scores = evaluate_captions({i: predictions[i] for i in scored}, scored, metrics=metrics) if scored else {}
+    return {
+        "task": "caption",
+        "data": str(data),
+        "prompt": prompt,
+        "num_images": len(predictions),
+        "num_scored": len(scored),
+        "skipped_images": counter.bad,
+        "metrics": scores,
+        "predictions": [{"image_id": _official_id(i), "caption": text} for i, text in predictions.items()],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ VQA
+
+
+def question_types(data: str | Path, annotations: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """question id -> {"question_type", "answer_type"} (those present) as the raw file gives them.
+
+    From the objects of a JSON list / JSONL manifest (the shapes world writes "question_type"), or from a
+    VQAv2 annotations file. Ids follow ``open_dataset``: "question_id", else the object's position.
+    """
+    path = Path(data).expanduser()
+    if path.is_dir():
+        path = path / MANIFEST_IN_FOLDER[VQA]
+    if annotations is not None:
+        objects = json.loads(Path(annotations).expanduser().read_text(encoding="utf-8")).get("annotations", [])
+    elif detect_kind(path) == "jsonl":
+        objects = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        objects = json.loads(path.read_text(encoding="utf-8"))
+        objects = objects if isinstance(objects, list) else []  # a VQAv2 questions file: types live in annotations
+    fields = ("question_type", "answer_type")
+    return {
+        str(obj.get("question_id", number)): {field: str(obj[field]) for field in fields if field in obj}
+        for number, obj in enumerate(objects)
+        if isinstance(obj, dict)
+    }
+
+
+def evaluate_vqa_task(
+    model: "Blip2Model",
+    data: str | Path,
+    limit: int | None = None,
+    batch_size: int = 16,
+    prompt_template: str | None = None,
+    features: FeaturesArg = None,
+    *,
+    annotations: str | Path | None = None,
+    image_root: str | Path | None = None,
+    progress: bool = True,
+    **gen,
+) -> dict[str, Any]:
+    """Answer every question of ``data`` (the first ``limit``) and score with VQAv2 accuracy.
+
+    ``prompt_template`` defaults to the paper's "Question: {} Answer:" ("... Short answer:" for Flan-T5);
+    ``annotations`` is the VQAv2 annotations file that goes with a VQAv2 questions file. ``**gen``:
+    ``GenerationOptions`` (default here: greedy, ``max_new_tokens=10``). Returns ``metrics`` (``overall``,
+    per question / answer type when the data has types), counts and ``predictions`` (the VQAv2 results format
+    ``[{"question_id", "answer"}]``). Data without answers (test-dev) gets predictions only.
+    """
+    options = GenerationOptions.from_kwargs({**VQA_GENERATION, **gen})
+    template = prompt_template or vqa_template(model._require_llm())
+    cache = resolve_features(model, features)
+    dataset = open_eval_dataset(model, data, VQA, cache, image_root, annotations)
+    counter = BadImageCounter()
+    answers: dict[str, str] = {}
+    with eval_mode(model):
+        for batch in batches(dataset, limit, batch_size, "answering", progress, counter):
+            feats = batch_features(model, batch, cache is not None)  # [B, N, D]
+            prompts = format_questions(batch["question"], template)
+            answers.update(zip(batch["question_id"], texts_from_features(model, feats, prompts, options)))
+    records = {record.question_id: record for record in dataset.records if record.question_id in answers}
+    with_answers = [qid for qid, record in records.items() if record.answers]
+    if with_answers and len(with_answers) < len(records):
+        missing = [qid for qid in records if not records[qid].answers]
+        raise DatasetFormatError(f"{data}: {len(missing)} of {len(records)} questions have no answers "
+                                 f"(e.g. {missing[:3]}): give answers for all questions, or for none")
+    types = question_types(data, annotations) if with_answers else {}
+    references = {qid: {"answers": list(records[qid].answers), **types.get(qid, {})} for qid in with_answers}
+    return {
+        "task": "vqa",
+        "data": str(data),
+        "prompt_template": template,
+        "num_questions": len(answers),
+        "skipped_images": counter.bad,
+        "metrics": evaluate_vqa({qid: answers[qid] for qid in references}, references) if references else {},
+        "predictions": [{"question_id": _official_id(qid), "answer": text} for qid, text in answers.items()],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+
+
+def recall_ceiling(texts: Sequence[str], txt2img: Sequence[int], num_images: int,
+                   ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+    """The best Recall@K any model can reach when some caption strings belong to several images.
+
+    A model sees only the text, so every copy of a string gets the same scores. Text to image: the copies of a
+    string owned by m images share one ranking, and only the copies whose image is among its top K can be hits
+    (a string on m images, once each, is right at R@1 for at most 1/m of its copies). Image to text (ties count
+    against the query, as in ``recall_at_k``): an image's best caption ties with every other image's copy of
+    that string, so the image is a hit at K only if one of its strings has fewer than K copies elsewhere.
+    Same keys as ``recall_at_k``; all 1.0 when no string repeats across images.
+    """
+    if len(texts) != len(txt2img):
+        raise ValueError(f"{len(texts)} texts but {len(txt2img)} entries in txt2img: one image index per text")
+    copies: dict[str, Counter] = {}  # string -> image index -> copies of the string owned by that image
+    strings_of: list[set[str]] = [set() for _ in range(num_images)]
+    for text, image in zip(texts, txt2img):
+        copies.setdefault(text, Counter())[image] += 1
+        strings_of[image].add(text)
+    empty = [image for image, strings in enumerate(strings_of) if not strings]
+    if empty:
+        raise ValueError(f"images {empty[:5]} have no caption: every image needs at least one")
+    # for each image, the fewest copies owned by other images among its strings
+    elsewhere = [min(sum(copies[text].values()) - copies[text][image] for text in strings)
+                 for image, strings in enumerate(strings_of)]
+    results: dict[str, float] = {}
+    for direction in ("i2t", "t2i"):
+        for k in ks:
+            if direction == "i2t":
+                results[f"i2t_r{k}"] = sum(count < k for count in elsewhere) / num_images
+            else:
+                hits = sum(sum(sorted(owners.values(), reverse=True)[:k]) for owners in copies.values())
+                results[f"t2i_r{k}"] = hits / len(texts)
+        results[f"{direction}_mean"] = sum(results[f"{direction}_r{k}"] for k in ks) / len(ks)
+    results["mean"] = (results["i2t_mean"] + results["t2i_mean"]) / 2
+    return results
+
+
+def itc_scores(image_embeds: Tensor, text_embeds: Tensor, batch_size: int) -> Tensor:
+    """ITC similarity [N_img, N_txt] float32 on the CPU: the best query's cosine with the text, in image batches.
+
+    image_embeds: [N_img, Q, E] normalised; text_embeds: [N_txt, E] normalised.
+    """
+    rows = [torch.einsum("iqe,te->iqt", image_embeds[where], text_embeds).amax(dim=1).float().cpu()  # [b, N_txt]
+            for where in batch_slices(len(image_embeds), batch_size)]
+    return torch.cat(rows) if rows else torch.empty(0, len(text_embeds))
+
+
+def retrieval_scores(
+    model: "Blip2Model", features: Tensor, texts: Sequence[str], k: int = 128, batch_size: int = 64, progress: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The paper's retrieval scores for images with frozen ``features`` [N_img, N, D] against distinct ``texts``.
+
+    ITC for every pair (image embeddings computed once per image, text embeddings once per text); then each
+    query's top ``k`` re-scored as ITM + ITC, where ITM is the "match" logit averaged over queries (LAVIS's
+    ``compute_itm``) and ITC the cosine similarity above, both directions, ``batch_size`` pairs per ITM call.
+    Returns float32 CPU tensors (itc [N_img, N_txt], i2t [N_img, N_txt], t2i [N_txt, N_img]).
+    """
+    device = model.device
+    image_embeds = torch.cat([model.image_embeds_itc(model.query_states(features[where].to(device)).queries)
+                              for where in batch_slices(len(features), batch_size)])  # [N_img, Q, E]
+    text_embeds = torch.cat([model.text_embeds_itc(*model.tokenize_text(texts[where]))
+                             for where in tqdm(batch_slices(len(texts), batch_size), desc="text embeddings",
+                                               disable=not progress)])  # [N_txt, E]
+    itc = itc_scores(image_embeds, text_embeds, batch_size)  # [N_img, N_txt]
+
+    def itm_match_logit(image_index: Tensor, text_index: Tensor) -> Tensor:
+        pair_features = features[image_index].to(device)  # [P, N, D]
+        ids, mask = model.tokenize_text([texts[t] for t in text_index.tolist()])  # [P, T]
+        return model.itm_logits(pair_features, ids, mask)[:, 1].float().cpu()  # [P]
+
+    i2t, t2i = rerank_topk(itc, itm_match_logit, k=k, batch_size=batch_size, progress=progress)
+    return itc, i2t, t2i
+
+
+def evaluate_retrieval(
+    model: "Blip2Model",
+    data: str | Path,
+    k: int = 128,
+    limit: int | None = None,
+    caption_index: int | None = None,
+    batch_size: int = 64,
+    features: FeaturesArg = None,
+    *,
+    image_root: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Image-text retrieval over the images of ``data`` (the first ``limit``) and their captions.
+
+    Every caption of an image is a text query (``caption_index``: only that one caption per image). Reports
+    Recall@1/5/10 both ways with ITC alone (``itc``) and with the ITC top ``k`` re-ranked by ITM + ITC
+    (``itc_itm``), and ``ceiling``: the best any model could reach given caption strings shared by several
+    images (``recall_ceiling``). Identical strings are scored once, so their copies tie exactly. The frozen
+    features of each image are computed once (or read from ``features``, a cache) and kept on the CPU.
+    """
+    cache = resolve_features(model, features)
+    dataset = open_eval_dataset(model, data, CAPTION, cache, image_root)
+    records = {record.image_id: record for record in dataset.records}
+    counter = BadImageCounter()
+    image_ids: list[str] = []
+    stored: list[Tensor] = []
+    with eval_mode(model):
+        for batch in batches(dataset, limit, batch_size, "encoding images", progress, counter):
+            kept = [row for row, image_id in enumerate(batch["image_id"]) if records[image_id].captions]
+            if kept:
+                batch = {"image": batch["image"][kept], "image_id": [batch["image_id"][row] for row in kept]}
+                stored.append(batch_features(model, batch, cache is not None).cpu())  # [b, N, D]
+                image_ids += batch["image_id"]
+        if not image_ids:
+            raise DatasetFormatError(f"{data}: no readable image with captions to retrieve")
+        texts, txt2img = _retrieval_texts([records[i] for i in image_ids], caption_index)
+        distinct = list(dict.fromkeys(texts))
+        itc, i2t, t2i = retrieval_scores(model, torch.cat(stored), distinct, k, batch_size, progress)
+    position = {text: index for index, text in enumerate(distinct)}
+    column = torch.tensor([position[text] for text in texts])  # [N_txt]: each text's distinct string
+    img2txt = [[] for _ in image_ids]
+    for text_index, image in enumerate(txt2img):
+        img2txt[image].append(text_index)
+    i2t_full, t2i_full = i2t[:, column], t2i[column]  # every copy of a string gets its scores
+    return {
+        "task": "retrieval",
+        "data": str(data),
+        "k": k,
+        "caption_index": caption_index,
+        "num_images": len(image_ids),
+        "num_texts": len(texts),
+        "num_distinct_texts": len(distinct),
+        "skipped_images": counter.bad,
+        "itc": recall_at_k(itc[:, column], txt2img, img2txt),
+        "itc_itm": recall_at_k(i2t_full, txt2img, img2txt, scores_t2i=t2i_full),
+        "ceiling": recall_ceiling(texts, txt2img, len(image_ids)),
+        "predictions": _retrieved(image_ids, texts, txt2img, i2t_full, t2i_full),
+    }
+
+
+def _retrieval_texts(records, caption_index: int | None) -> tuple[list[str], list[int]]:
+    """(texts, txt2img): every caption of every image, or caption ``caption_index`` of each."""
+    texts, txt2img = [], []
+    for image, record in enumerate(records):
+        if caption_index is None:
+            chosen = record.captions
+        elif -len(record.captions) <= caption_index < len(record.captions):
+            chosen = (record.captions[caption_index],)
+        else:
+            raise DatasetFormatError(f"image {record.image_id!r} has {len(record.captions)} captions, so "
+                                     f"caption_index={caption_index} does not exist; pick a smaller index or None (all)")
+        texts += chosen
+        txt2img += [image] * len(chosen)
+    return texts, txt2img
+
+
+def _retrieved(image_ids: list[str], texts: list[str], txt2img: list[int], i2t: Tensor, t2i: Tensor) -> dict:
+    """The top re-ranked results of every query, for reading what the model retrieves."""
+    top_texts = i2t.topk(min(TOP_RETRIEVED, i2t.shape[1]), dim=1).indices.tolist()  # [N_img, top]
+    top_images = t2i.topk(min(TOP_RETRIEVED, t2i.shape[1]), dim=1).indices.tolist()  # [N_txt, top]
+    return {
+        "image_to_text": [{"image_id": image_id, "retrieved": [texts[t] for t in top]}
+                          for image_id, top in zip(image_ids, top_texts)],
+        "text_to_image": [{"text": text, "image_id": image_ids[owner], "retrieved": [image_ids[i] for i in top]}
+                          for text, owner, top in zip(texts, txt2img, top_images)],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "caption": evaluate_captioning,
+    "vqa": evaluate_vqa_task,
+    "retrieval": evaluate_retrieval,
+}
+
+
+def evaluate(task: str, model: "Blip2Model", data: str | Path, out_dir: str | Path | None = None, **kw) -> dict[str, Any]:
+    """Run ``task`` ("caption", "vqa" or "retrieval") on ``data``; ``kw`` go to that task's function.
+
+    With ``out_dir``: ``TASK.json`` and ``TASK.md`` (the report, via ``write_report``) and
+    ``TASK_predictions.json`` (the model's outputs) are written there. Returns the results, predictions included.
+    """
+    if task not in RUNNERS:
+        raise ValueError(f"unknown evaluation task {task!r}; tasks: {list(RUNNERS)}")
+    results = RUNNERS[task](model, data, **kw)
+    if out_dir is not None:
+        report = {key: value for key, value in results.items() if key != "predictions"}
+        write_report(report, out_dir, task)
+        write_text_atomically(Path(out_dir) / f"{task}_predictions.json", json.dumps(results["predictions"], indent=1))
+    return results
