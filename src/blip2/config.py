@@ -31,9 +31,13 @@ class VisionConfig:
     path: str | None = None
     image_size: int | None = None  # None: the encoder's own input size
     # kinds efficientnet_lite0 and timm: which feature map becomes the tokens, an index into timm's
-    # forward_intermediates (negative counts from the end). None: efficientnet_lite0's measured
-    # default (stride 16, see docs/vision.md); for timm, forward_features (the final map).
+    # forward_intermediates (negative counts from the end). None: the kind's default, measured for
+    # efficientnet_lite0 in docs/vision.md (-1: the last block's 320-channel map); timm: forward_features.
     feature_layer: int | None = None
+    # kinds efficientnet_lite0 and timm: channels of a fixed 2D sin-cos position code appended to each
+    # token of a spatial map (a multiple of 4; the Q-Former's cross-attention has no image positions of
+    # its own). None: the kind's default, 32 for efficientnet_lite0 (docs/vision.md), 0 for timm.
+    position_channels: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
@@ -42,8 +46,13 @@ class VisionConfig:
             raise ConfigError("vision.kind 'timm' needs vision.name (a timm architecture, e.g. 'vit_base_patch16_224')")
         if self.kind == "hf" and not self.path:
             raise ConfigError("vision.kind 'hf' needs vision.path (a local transformers model directory)")
-        if self.kind == "hf" and self.feature_layer is not None:
-            raise ConfigError("vision.feature_layer is for kinds efficientnet_lite0 and timm; hf models use BLIP-2's layer choice")
+        if self.kind == "hf" and (self.feature_layer is not None or self.position_channels is not None):
+            raise ConfigError(
+                "vision.feature_layer and vision.position_channels are for kinds efficientnet_lite0 and timm; "
+                "hf models use BLIP-2's layer choice and their own position embeddings"
+            )
+        if self.position_channels is not None and (self.position_channels < 0 or self.position_channels % 4):
+            raise ConfigError(f"vision.position_channels must be a non-negative multiple of 4, got {self.position_channels}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from blip2.models.vision import (
     Preprocess,
     WeightsLayoutError,
     build_image_encoder,
+    grid_position_code,
     image_encoder_from_hf,
 )
 from blip2.weights.offline import efficientnet_lite0_weights
@@ -99,20 +100,45 @@ def test_lite0_matches_the_reference_implementation(lite0):
 
 
 def test_lite0_preprocess_and_default_tokens(lite0):
+    """The last block's 7 x 7 x 320 map, row-major, each token followed by its 32-channel position code."""
     assert lite0.preprocess == Preprocess((224, 224), (0.5,) * 3, (0.5,) * 3, "bicubic")
-    assert lite0.feature_layer == LITE0_DEFAULT_FEATURE_LAYER
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         tokens = lite0(pixels)
         (feature_map,) = lite0.backbone.forward_intermediates(pixels, indices=[LITE0_DEFAULT_FEATURE_LAYER], intermediates_only=True)
-    assert tokens.shape == (2, 196, 112) == (2, lite0.num_tokens(), lite0.out_dim)
-    torch.testing.assert_close(tokens[:, 14 * 3 + 5], feature_map[:, :, 3, 5])  # row-major: token r*W + c
+    assert feature_map.shape == (2, 320, 7, 7)
+    assert tokens.shape == (2, 49, 352) == (2, lite0.num_tokens(), lite0.out_dim)
+    torch.testing.assert_close(tokens[:, 7 * 3 + 5, :320], feature_map[:, :, 3, 5])  # token r*W + c
+    torch.testing.assert_close(tokens[:, :, 320:], grid_position_code(7, 7, 32).expand(2, -1, -1))
 
 
-def test_lite0_other_feature_layer_and_size():
-    encoder = build_image_encoder(VisionConfig(feature_layer=-1, image_size=160))
+def test_lite0_other_feature_layer_size_and_no_position_code():
+    encoder = build_image_encoder(VisionConfig(feature_layer=3, image_size=160, position_channels=0))
     assert encoder.preprocess.size == (160, 160)
-    assert (encoder.num_tokens(), encoder.out_dim) == (25, 320)
+    assert (encoder.num_tokens(), encoder.out_dim) == (10 * 10, 112)
+
+
+def test_lite0_feature_layer_out_of_range():
+    with pytest.raises(ConfigError, match=r"feature_layer 5 is out of range .* \[16, 24, 40, 112, 320\]"):
+        build_image_encoder(VisionConfig(feature_layer=5))
+
+
+def test_grid_position_code_values():
+    code = grid_position_code(1, 2, 8)  # cell centres: row 0.5; columns 0.25 and 0.75
+    half = 0.5**0.5
+    expected = torch.tensor([
+        [1.0, 0.0, 0.0, -1.0, half, 1.0, half, 0.0],  # sin(pi r), sin(2pi r) | cos.. | sin(pi c), sin(2pi c) | cos..
+        [1.0, 0.0, 0.0, -1.0, half, -1.0, -half, 0.0],
+    ])
+    torch.testing.assert_close(code, expected, atol=1e-6, rtol=0)
+    assert grid_position_code(7, 7, 32).unique(dim=0).shape == (49, 32)  # every cell its own code
+
+
+def test_position_config_is_validated():
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        VisionConfig(position_channels=6)
+    with pytest.raises(ConfigError, match="position_channels are for kinds"):
+        VisionConfig(kind="hf", path="x", position_channels=8)
 
 
 def test_encoder_is_frozen_and_stays_in_eval_mode(lite0):
@@ -159,6 +185,14 @@ def test_timm_vit_from_safetensors(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), source.forward_features(pixels))
     assert (encoder.num_tokens(), encoder.out_dim) == (1 + 4, 192)
+
+
+def test_timm_vit_refuses_a_position_code(tmp_path):
+    path = tmp_path / "vit.safetensors"
+    safetensors.torch.save_file(timm.create_model("vit_tiny_patch16_224", img_size=32).state_dict(), path)
+    cfg = VisionConfig(kind="timm", name="vit_tiny_patch16_224", path=str(path), image_size=32, position_channels=8)
+    with pytest.raises(ConfigError, match="VisionTransformer gives a token sequence"):
+        build_image_encoder(cfg).num_tokens()
 
 
 def test_timm_cnn_from_pth_final_and_intermediate_maps(tmp_path):

