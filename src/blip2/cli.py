@@ -66,7 +66,8 @@ def _add_command(subparsers, fn: Callable) -> None:
             field_hints = typing.get_type_hints(annotation)
             group = parser.add_argument_group(annotation.__name__, (inspect.getdoc(annotation) or "").split("\n\n")[0])
             for f in fields:
-                _add_argument(group, f.name, field_hints[f.name], getattr(param.default, f.name), dest=f"{name}.{f.name}")
+                default = getattr(param.default, f.name)
+                _add_argument(group, f.name, field_hints[f.name], default, dest=f"{name}.{f.name}")
             groups[name] = (annotation, [f.name for f in fields])
         else:
             _add_argument(parser, name, annotation, param.default)

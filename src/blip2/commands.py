@@ -19,6 +19,7 @@ from blip2.config import ConfigError
 from blip2.data.datasets import IMAGE_EXTENSIONS
 from blip2.data.images import ImageError, load_image
 from blip2.infer.batching import as_text_list
+from blip2.infer.chat import CHAT_MAX_NEW_TOKENS
 from blip2.infer.decoding import GenerationOptions
 from blip2.weights.keymap import KeyMapError
 from blip2.weights.offline import MissingPartError
@@ -74,7 +75,7 @@ def info(source: str = "default", json_output: bool = False) -> None:
 
 # ---- inference commands -------------------------------------------------------------------------------------------
 
-CHAT_OPTIONS = GenerationOptions(max_new_tokens=256)
+CHAT_OPTIONS = GenerationOptions(max_new_tokens=CHAT_MAX_NEW_TOKENS)
 CHAT_HELP = "commands: /image PATH (talk about another image), /reset (forget the conversation), /quit (or Ctrl-D)"
 
 
@@ -126,7 +127,11 @@ def ask(
     json_output: bool = False,
     gen: GenerationOptions = GenerationOptions(),
 ) -> None:
-    """Answer a question about an image (BLIP-2's "Question: {} Answer:" prompt unless --prompt-template says otherwise)."""
+    """Answer a question about an image.
+
+    The question goes into BLIP-2's prompt, "Question: {} Answer:" ("... Short answer:" for Flan-T5), unless
+    --prompt-template (with one {}) says otherwise.
+    """
     picture = load_image(image)
     as_text_list(question, "question")
     answer = load(model, device=device).answer(picture, question, prompt_template, **dataclasses.asdict(gen))[0]
@@ -195,8 +200,8 @@ def embed(
         np.savez(out, image_embeds=image_embeds.numpy(), text_embeds=text_embeds.numpy(),
                  images=np.array(list(loaded), dtype=str), texts=np.array(texts, dtype=str))  # fmt: skip
     else:
-        save_file({"image_embeds": image_embeds.contiguous(), "text_embeds": text_embeds.contiguous()}, out,
-                  metadata={"images": json.dumps(list(loaded)), "texts": json.dumps(texts), "model": model})  # fmt: skip
+        metadata = {"images": json.dumps(list(loaded)), "texts": json.dumps(texts), "model": model}
+        save_file({"image_embeds": image_embeds.contiguous(), "text_embeds": text_embeds.contiguous()}, out, metadata)
     summary = {"output": str(out), "image_embeds": list(image_embeds.shape), "text_embeds": list(text_embeds.shape),
                "failed": sorted(failures)}  # fmt: skip
     if json_output:
@@ -217,7 +222,7 @@ def find_images(paths: list[str]) -> tuple[list[str], dict[str, str]]:
         if not folder.is_dir():
             files.append(path)
             continue
-        found = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        found = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower()[1:] in IMAGE_EXTENSIONS)
         if not found:
             failures[path] = f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder"
         files += found

@@ -32,7 +32,10 @@ CHATML = (
 def word_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
     """Word-level tokenizers with each family's special tokens; "llama" is a chat model (ChatML, like SmolLM2)."""
     specials, kwargs = {
-        "llama": (["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"], dict(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>")),
+        "llama": (
+            ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"],
+            dict(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>"),
+        ),
         "opt": (["<pad>", "</s>", "<unk>"], dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>")),
         "t5": (["<pad>", "</s>", "<unk>"], dict(eos_token="</s>", pad_token="<pad>")),
     }[family]
@@ -97,10 +100,9 @@ def tiny_model(randomize):
             llm=LLMConfig(kind="hf", path="in-memory") if family else None,
         )
         model = Blip2Model(cfg, image_encoder_from_hf(vision), qformer_tokenizer(), llm)
-        for offset, part in enumerate([model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head]):
+        trainable = [model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head, model.llm_proj]
+        for offset, part in enumerate(p for p in trainable if p is not None):
             randomize(part, seed + 2 + offset)
-        if model.llm_proj is not None:
-            randomize(model.llm_proj, seed + 9)
         return model.eval()
 
     return make
@@ -120,3 +122,12 @@ def image_files(tmp_path):
         noise_image(seed, size).save(path)
         paths.append(path)
     return paths
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a shared 2-core machine punishes oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,7 +34,8 @@ def checkpoint(tiny_parts, randomize, tmp_path):
         llm=LLMConfig(kind="hf", path=str(llm_dir)),
     )
     model = build_model(cfg, init_qformer=False)
-    for offset, part in enumerate([model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head, model.llm_proj]):
+    trainable = [model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head, model.llm_proj]
+    for offset, part in enumerate(trainable):
         randomize(part, 10 + offset)
     return model.save(tmp_path / "checkpoint")
 
@@ -77,16 +78,18 @@ def test_caption_walks_folders_reports_bad_images_and_continues(checkpoint, fold
                           "--num-beams", "2", "--max-new-tokens", "4"], capsys)  # fmt: skip
     results = json.loads(out)
     assert code == 1 and [Path(r["image"]).name for r in results] == ["a.jpg", "b.png", "c.png", "broken.png"]
-    assert [r["caption"] for r in results[:3]] == model.qformer_caption([r["image"] for r in results[:3]], num_beams=2, max_new_tokens=4)
+    expected = model.qformer_caption([r["image"] for r in results[:3]], num_beams=2, max_new_tokens=4)
+    assert [r["caption"] for r in results[:3]] == expected
     assert "corrupt" in results[3]["error"]
 
 
 def test_ask_prints_the_answer_or_json(checkpoint, image_files, capsys):
-    code, out, _ = run(["ask", str(image_files[0]), "w1 w2", "--model", str(checkpoint), "--json", "--max-new-tokens", "5"], capsys)
+    argv = ["ask", str(image_files[0]), "w1 w2", "--model", str(checkpoint), "--max-new-tokens", "5"]
+    code, out, _ = run([*argv, "--json"], capsys)
     assert code == 0
     expected = load(checkpoint).answer(image_files[0], "w1 w2", max_new_tokens=5)[0]
     assert json.loads(out) == {"image": str(image_files[0]), "question": "w1 w2", "answer": expected}
-    code, out, _ = run(["ask", str(image_files[0]), "w1 w2", "--model", str(checkpoint), "--max-new-tokens", "5"], capsys)
+    code, out, _ = run(argv, capsys)
     assert code == 0 and out == expected + "\n"
 
 
@@ -106,8 +109,9 @@ def test_bad_input_is_one_clean_line_and_exit_2(checkpoint, image_files, folder,
 
 
 def test_chat_streams_replies_and_obeys_commands(checkpoint, image_files, tmp_path, capsys, monkeypatch):
-    script = "w1 w2\n\n/reset\n/image " + str(tmp_path / "missing.png") + "\n/image " + str(image_files[1]) + "\nw3\n/help\n/quit\nw4\n"
-    code, out, err = run(["chat", str(image_files[0]), "--model", str(checkpoint), "--max-new-tokens", "5"], capsys, script, monkeypatch)
+    lines = ["w1 w2", "", "/reset", f"/image {tmp_path / 'missing.png'}", f"/image {image_files[1]}", "w3", "/help", "/quit", "w4"]
+    argv = ["chat", str(image_files[0]), "--model", str(checkpoint), "--max-new-tokens", "5"]
+    code, out, err = run(argv, capsys, "\n".join(lines) + "\n", monkeypatch)
     assert code == 0
     model = load(checkpoint)
     first = model.chat(image_files[0]).ask("w1 w2", max_new_tokens=5)
@@ -132,7 +136,8 @@ def test_embed_writes_image_and_text_embeddings(checkpoint, folder, tmp_path, ca
     assert summary["image_embeds"] == [3, 4, 16] and summary["text_embeds"] == [2, 16]
     if suffix == ".npz":
         with np.load(output) as saved:  # plain arrays: no pickle needed
-            images, texts, paths = torch.from_numpy(saved["image_embeds"]), torch.from_numpy(saved["text_embeds"]), list(saved["images"])
+            images, texts = torch.from_numpy(saved["image_embeds"]), torch.from_numpy(saved["text_embeds"])
+            paths = list(saved["images"])
     else:
         with safe_open(output, "pt") as saved:
             images, texts = saved.get_tensor("image_embeds"), saved.get_tensor("text_embeds")
@@ -147,7 +152,7 @@ def test_embed_writes_image_and_text_embeddings(checkpoint, folder, tmp_path, ca
 
 
 def blip2_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "blip2.cli", *args], input=stdin, capture_output=True, text=True, env=env)
 
 

@@ -12,6 +12,7 @@ import blip2
 
 @pytest.fixture(scope="module")
 def model():
+    torch.manual_seed(0)  # the untrained Q-Former's cross-attention and queries are random: make them repeatable
     return blip2.load("default")
 
 
@@ -25,12 +26,14 @@ def photo() -> Image.Image:
 def test_chat_on_smollm2_reuses_its_cache_and_equals_recomputation(model, photo):
     cached, recomputed = model.chat(photo), model.chat(photo, cache=False)
     questions = ["What is in the picture?", "What colour is it?", "Describe it in one word.", "Thank you!"]
+    previous = None
     for turn, question in enumerate(questions):
         reply = cached.ask(question, max_new_tokens=16)
         assert reply == recomputed.ask(question, max_new_tokens=16), f"turn {turn}"
         stats = cached.last_stats
-        if turn:
-            assert stats.computed_tokens <= 20 < stats.reused_tokens  # glue + the question; the rest comes from the cache
+        if previous is not None:  # the previous prompt (and normally its reply) comes from the cache
+            assert stats.reused_tokens >= previous.prompt_tokens and stats.computed_tokens < stats.prompt_tokens / 2
+        previous = stats
     assert any(text for role, text in cached.history if role == "assistant")
     ids = cached.format.token_ids(cached._messages("next"), model.qformer.num_queries)
     start = ids.index(-1)
@@ -39,7 +42,8 @@ def test_chat_on_smollm2_reuses_its_cache_and_equals_recomputation(model, photo)
 
 
 def test_stream_generate_and_the_other_heads(model, photo):
-    assert "".join(model.stream(photo, "A photo of", max_new_tokens=12)) == model.caption(photo, "A photo of", max_new_tokens=12)[0]
+    streamed = "".join(model.stream(photo, "A photo of", max_new_tokens=12))
+    assert streamed == model.caption(photo, "A photo of", max_new_tokens=12)[0]
     captions = model.caption([photo, photo.rotate(90, expand=True)], max_new_tokens=8, batch_size=1)
     assert len(captions) == 2
     assert len(model.qformer_caption(photo, num_beams=3, max_new_tokens=8)) == 1

@@ -55,7 +55,8 @@ def test_answer_uses_the_papers_prompt_of_the_llm_family(tiny_model, image_files
 def test_caption_is_generate_with_an_optional_prefix(tiny_model, image_files):
     model = tiny_model("opt")
     assert model.caption(image_files, max_new_tokens=4) == model.generate(image_files, None, max_new_tokens=4)
-    assert model.caption(image_files, "a photo of", max_new_tokens=4) == model.generate(image_files, "a photo of", max_new_tokens=4)
+    prefixed = model.caption(image_files, "a photo of", max_new_tokens=4)
+    assert prefixed == model.generate(image_files, "a photo of", max_new_tokens=4)
 
 
 def test_beam_search_and_sampling(tiny_model, image_files):
@@ -71,7 +72,8 @@ def test_beam_search_and_sampling(tiny_model, image_files):
     again = model.generate(image_files, "a photo of", max_new_tokens=8, do_sample=True, temperature=2.0, seed=7)
     other = model.generate(image_files, "a photo of", max_new_tokens=8, do_sample=True, temperature=2.0, seed=8)
     assert first == again and first != other
-    streamed = ["".join(model.stream(image_files[0], "a photo of", max_new_tokens=8, do_sample=True, temperature=2.0, seed=s)) for s in (1, 1, 2)]
+    sampling = dict(max_new_tokens=8, do_sample=True, temperature=2.0)
+    streamed = ["".join(model.stream(image_files[0], "a photo of", **sampling, seed=s)) for s in (1, 1, 2)]
     assert streamed[0] == streamed[1] != streamed[2]
 
 
@@ -125,8 +127,9 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"])
-    backend.train_from_iterator(["the cat sat on the mat", "a dog and a cat"] * 5, trainer)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet, special_tokens=["<eos>"])
+    backend.train_from_iterator(["the cat sat on the mat", "a dog and a cat", "猫が座った"] * 5, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
 
 
@@ -141,6 +144,8 @@ def test_text_pieces_wait_for_whole_characters_and_join_to_the_decoded_text():
     assert len(pieces) >= 5  # released word by word, not all at the end
     partial = TextPieces(tokenizer)
     assert [partial.add(i) for i in tokenizer("caf")["input_ids"]][-1] == ""  # the last word is held back
+    japanese = list(text_pieces(iter(tokenizer("猫が座った。犬")["input_ids"]), tokenizer))
+    assert "".join(japanese) == "猫が座った。犬" and len(japanese) >= 3  # no spaces, still released as it comes
 
 
 def test_generation_options_validate_themselves():

@@ -71,11 +71,13 @@ def test_beam_search_scores_are_true_and_beat_greedy(tiny_model, image_files, le
     greedy = sample(model.qformer, cache, model.tokenizer, GenerationOptions(max_new_tokens=5))
     for row, (ids, score) in enumerate(hypotheses):
         if len(ids) < 5:  # ended with [SEP]: the score includes it
-            assert score == pytest.approx(sequence_score(model, features[row : row + 1], ids, sep, dec, length_penalty), abs=1e-4)
+            expected = sequence_score(model, features[row : row + 1], ids, sep, dec, length_penalty)
+            assert score == pytest.approx(expected, abs=1e-4)
         greedy_ids = greedy[row]
         if len(greedy_ids) < 5:
             assert score >= sequence_score(model, features[row : row + 1], greedy_ids, sep, dec, length_penalty) - 1e-5
-    alone = [beam_search(model.qformer, [(k[i : i + 1], v[i : i + 1]) for k, v in cache], model.tokenizer, options)[0] for i in range(3)]
+    rows = [[(k[i : i + 1], v[i : i + 1]) for k, v in cache] for i in range(3)]
+    alone = [beam_search(model.qformer, row, model.tokenizer, options)[0] for row in rows]
     assert [ids for ids, _ in alone] == [ids for ids, _ in hypotheses]  # a batch decodes as each image alone
 
 

@@ -21,7 +21,7 @@ def as_image_list(images: Images) -> list[ImageInput] | Tensor:
     if isinstance(images, (Image.Image, str, Path)):
         return [images]
     if isinstance(images, (bytes, bytearray)):
-        raise TypeError("pass images as PIL images or file paths, not raw bytes (blip2.data.images.load_image decodes bytes)")
+        raise TypeError("pass images as PIL images or file paths, not raw bytes (load_image decodes bytes)")
     return list(images)
 
 
@@ -56,7 +56,12 @@ def batch_slices(total: int, batch_size: int) -> list[slice]:
 
 
 def pixel_batch(model, images: list[ImageInput] | Tensor, where: slice) -> Tensor:
-    """``images[where]`` as pixel values [b, 3, H, W] on the model's device (files are read here, one batch at a time)."""
+    """``images[where]`` as pixel values [b, 3, H, W] on the model's device (files are read here, a batch at a time)."""
     if isinstance(images, Tensor):
         return images[where].to(model.device)
     return model.pixel_values(images[where])
+
+
+def select(images: list[ImageInput] | Tensor, indices: list[int]) -> list[ImageInput] | Tensor:
+    """The images at ``indices`` (repeats allowed), for lists and pixel-value tensors alike."""
+    return images[indices] if isinstance(images, Tensor) else [images[i] for i in indices]

@@ -131,8 +131,9 @@ class ChatSession:
         self.image = load_image(image)
         self._visual = self._encode_image() if self.cache else None  # [Q, H_llm], encoded once
         self.reset()
-        if self._cached_ids:  # positions from the old image on are stale although their ids (IMAGE_ID) look the same
-            self._cached_ids = self._cached_ids[: self._cached_ids.index(IMAGE_ID)] if IMAGE_ID in self._cached_ids else []
+        if self._cached_ids and IMAGE_ID in self._cached_ids:
+            # cached positions from the old image on are stale, although their ids (IMAGE_ID) read the same
+            self._cached_ids = self._cached_ids[: self._cached_ids.index(IMAGE_ID)]
 
     def reset(self) -> None:
         """Forget the conversation. The image stays encoded, and the cache keeps what the next conversation
@@ -186,7 +187,8 @@ class ChatSession:
         self._record(text, reply)
 
     def _record(self, text: str, reply: list[int]) -> None:
-        self._turns += [("user", text), ("assistant", self.llm.tokenizer.decode(reply, skip_special_tokens=True).strip())]
+        reply_text = self.llm.tokenizer.decode(reply, skip_special_tokens=True).strip()
+        self._turns += [("user", text), ("assistant", reply_text)]
         self.last_stats.generated_tokens = len(reply)
         self._active = None
 

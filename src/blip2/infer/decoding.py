@@ -13,7 +13,8 @@ import contextlib
 import dataclasses
 import inspect
 import re
-from collections.abc import Callable, Iterator
+import unicodedata
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ class GenerationOptions:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0: no top-k filter)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0: none)"),
-            (not (self.do_sample and self.num_beams > 1), "choose beam search (num_beams > 1) or sampling (do_sample), not both"),
+            (not (self.do_sample and self.num_beams > 1), "choose beam search (num_beams > 1) or do_sample, not both"),
         ]
         for ok, message in checks:
             if not ok:
@@ -63,7 +64,8 @@ class GenerationOptions:
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(gen) - set(known))
         if unknown:
-            raise TypeError(f"unknown generation option(s) {unknown}; known: {known}")
+            hint = "; to stream, call model.stream(...) or session.stream(...)" if "stream" in unknown else ""
+            raise TypeError(f"unknown generation option(s) {unknown}; known: {known}{hint}")
         return cls(**gen)
 
     def hf_kwargs(self, llm: FrozenLLM) -> dict:
@@ -96,7 +98,9 @@ class GenerationOptions:
             yield
 
 
-def next_token(logits: Tensor, options: GenerationOptions, generated: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def next_token(
+    logits: Tensor, options: GenerationOptions, generated: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     """Logits of the next position [B, V] and the tokens generated so far [B, T] -> the chosen tokens [B]."""
     scores = logits.float()
     if options.repetition_penalty != 1.0 and generated.shape[1]:
@@ -211,8 +215,9 @@ class TextPieces:
     """Token ids in, printable text pieces out, as a stream shows them.
 
     Text is released up to its last whitespace: the word being written may still change (a character split
-    over tokens decodes as U+FFFD until complete; tokenizers may tidy spaces before punctuation). Leading
-    and trailing whitespace is dropped, so the pieces join to ``decode(ids).strip()``.
+    over tokens decodes as U+FFFD until complete; tokenizers may tidy spaces before punctuation). Text that
+    ends in a complete wide character (Chinese, Japanese, Korean: scripts without spaces) is released whole.
+    Leading and trailing whitespace is dropped, so the pieces join to ``decode(ids).strip()``.
     """
 
     def __init__(self, tokenizer):
@@ -223,6 +228,8 @@ class TextPieces:
     def add(self, token: int) -> str:
         self.ids.append(token)
         text = self.text()
+        if text and unicodedata.east_asian_width(text[-1]) in ("W", "F"):  # U+FFFD is "A": held back
+            return self._release(text)
         match = _LAST_SPACE.search(text)
         return self._release(text[: match.start()] if match else "")
 
@@ -242,7 +249,8 @@ class TextPieces:
 def text_pieces(tokens: Iterator[int], tokenizer) -> Iterator[str]:
     """Printable pieces of the text that ``tokens`` spell, as they arrive (see ``TextPieces``).
 
-    Closing this iterator closes ``tokens`` too, so whatever produces them learns that the reader stopped.
+    Closing this iterator closes ``tokens`` too (when it is a generator), so whatever produces them learns that
+    the reader stopped.
     """
     pieces = TextPieces(tokenizer)
     try:
@@ -251,7 +259,8 @@ def text_pieces(tokens: Iterator[int], tokenizer) -> Iterator[str]:
             if piece:
                 yield piece
     finally:
-        tokens.close()
+        if isinstance(tokens, Generator):
+            tokens.close()
     tail = pieces.finish()
     if tail:
         yield tail

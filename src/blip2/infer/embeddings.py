@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from blip2.infer.batching import Images, as_image_list, as_text_list, batch_slices, pair_up, pixel_batch
+from blip2.infer.batching import Images, as_image_list, as_text_list, batch_slices, pair_up, pixel_batch, select
 
 if TYPE_CHECKING:
     from blip2.models.blip2 import Blip2Model
@@ -43,8 +43,7 @@ def itm(model: "Blip2Model", images: Images, texts: str | Sequence[str], batch_s
     image_index, text_index = pair_up(len(images), "images", len(texts), "texts")
     probabilities = [torch.empty(0, device=model.device)]
     for where in batch_slices(len(image_index), batch_size):
-        chosen = image_index[where]
-        pairs = images[chosen] if isinstance(images, Tensor) else [images[i] for i in chosen]
+        pairs = select(images, image_index[where])
         features = model.image_features(pixel_batch(model, pairs, slice(None)))  # [b, N, D]
         ids, mask = model.tokenize_text([texts[i] for i in text_index[where]], max_len=_text_limit(model))
         probabilities.append(model.itm_logits(features, ids, mask).softmax(dim=-1)[:, 1])  # class 1 = match
@@ -57,7 +56,8 @@ def check_text_lengths(model: "Blip2Model", texts: list[str]) -> list[str]:
     for index, ids in enumerate(model.tokenizer(texts)["input_ids"]):
         if len(ids) > limit:
             raise ValueError(
-                f"text {index} is {len(ids)} Q-Former tokens ([CLS] and [SEP] included), more than its {limit} positions: shorten it"
+                f"text {index} is {len(ids)} Q-Former tokens ([CLS] and [SEP] included), more than its {limit} "
+                "positions: shorten it"
             )
     return texts
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from blip2.infer.batching import Images, as_image_list, as_text_list, batch_slices, pixel_batch
+from blip2.infer.batching import Images, as_image_list, as_text_list, batch_slices, pair_up, pixel_batch, select
 from blip2.infer.decoding import GenerationOptions, stream_tokens, text_pieces
 from blip2.models.language import FrozenLLM
 
@@ -42,7 +42,8 @@ def context_length(llm: FrozenLLM) -> int | None:
 
 def check_prompt_lengths(llm: FrozenLLM, num_visual: int, prompts: Sequence[str], options: GenerationOptions) -> int:
     """Raise if a prompt does not fit the context window; return the longest prompt's token count."""
-    counts = [len(ids) for ids in llm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]] if prompts else []
+    tokenized = llm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    counts = [len(ids) for ids in tokenized]
     longest = max(counts, default=0)
     limit = context_length(llm)
     if limit is None:
@@ -52,8 +53,8 @@ def check_prompt_lengths(llm: FrozenLLM, num_visual: int, prompts: Sequence[str]
         if count + reserved > limit:
             raise ValueError(
                 f"prompt {index} is {count} tokens; with {num_visual} visual tokens, BOS/EOS and max_new_tokens="
-                f"{options.max_new_tokens} that exceeds the LLM's context of {limit} tokens by {count + reserved - limit}: "
-                "shorten the prompt or lower max_new_tokens"
+                f"{options.max_new_tokens} that exceeds the LLM's context of {limit} tokens by "
+                f"{count + reserved - limit}: shorten the prompt or lower max_new_tokens"
             )
     return longest
 
@@ -72,21 +73,61 @@ def resolve_prompts(prompts: str | Sequence[str] | None, count: int) -> list[str
 
 @torch.no_grad()
 def generate(
-    model: "Blip2Model", images: Images, prompts: str | Sequence[str] | None, batch_size: int, options: GenerationOptions
+    model: "Blip2Model",
+    images: Images,
+    prompts: str | Sequence[str] | None,
+    batch_size: int,
+    options: GenerationOptions,
 ) -> list[str]:
     """One text per image (``prompts`` None: unconditional, i.e. captioning), in batches of ``batch_size``."""
     llm = model._require_llm()
     images = as_image_list(images)
     prompts = resolve_prompts(prompts, len(images))
-    longest = check_prompt_lengths(llm, model.qformer.num_queries, prompts, options)
+    check_prompt_lengths(llm, model.qformer.num_queries, prompts, options)  # every prompt, before any work
     texts: list[str] = []
     for where in batch_slices(len(images), batch_size):
-        embeds, mask = _prompt_inputs(model, pixel_batch(model, images, where), prompts[where], longest)
-        with options.seeded(embeds.device):
-            out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(llm))
-        # with inputs_embeds only, a decoder-only model returns just the new tokens (as does the decoder of T5)
-        texts += [text.strip() for text in llm.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        features = model.image_features(pixel_batch(model, images, where))  # [b, N, D]
+        texts += generate_from_features(model, features, prompts[where], options)
     return texts
+
+
+@torch.no_grad()
+def generate_from_features(
+    model: "Blip2Model", features: torch.Tensor, prompts: Sequence[str], options: GenerationOptions
+) -> list[str]:
+    """Frozen image features [B, N, D] and a prompt per row ("": none) -> the text after each prompt, through
+    transformers' ``generate`` (one batch; the texts are what follows the prompts)."""
+    llm = model._require_llm()
+    embeds, mask = prompt_embeddings(model, features, prompts, options)
+    with options.seeded(embeds.device):
+        out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(llm))
+    # with inputs_embeds only, a decoder-only model returns just the new tokens (as does the decoder of T5)
+    return [text.strip() for text in llm.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def prompt_embeddings(
+    model: "Blip2Model", features: torch.Tensor, prompts: Sequence[str], options: GenerationOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked prompts -> LLM input embeddings [B, Q + T, H] and mask [B, Q + T], nothing cut."""
+    longest = check_prompt_lengths(model._require_llm(), model.qformer.num_queries, prompts, options)
+    return model.prompt_inputs(features, prompts, max_len=max(longest, 1) + 1)  # + BOS (decoder-only) or EOS (T5)
+
+
+def answer(
+    model: "Blip2Model",
+    images: Images,
+    questions: str | Sequence[str],
+    template: str | None,
+    batch_size: int,
+    options: GenerationOptions,
+) -> list[str]:
+    """One answer per (image, question) pair; one image or one question pairs with all of the other."""
+    questions = as_text_list(questions, "question")
+    images = as_image_list(images)
+    image_index, question_index = pair_up(len(images), "images", len(questions), "questions")
+    prompts = format_questions([questions[i] for i in question_index], template or vqa_template(model._require_llm()))
+    return generate(model, select(images, image_index), prompts, batch_size, options)
 
 
 def stream(model: "Blip2Model", image, prompt: str | None, options: GenerationOptions) -> Iterator[str]:
@@ -103,13 +144,7 @@ def stream(model: "Blip2Model", image, prompt: str | None, options: GenerationOp
     if len(images) != 1:
         raise ValueError(f"stream takes one image, got {len(images)}: use generate for several")
     prompts = resolve_prompts(prompt, 1)
-    longest = check_prompt_lengths(llm, model.qformer.num_queries, prompts, options)
-    embeds, mask = _prompt_inputs(model, pixel_batch(model, images, slice(None)), prompts, longest)
+    with torch.no_grad():
+        features = model.image_features(pixel_batch(model, images, slice(None)))  # [1, N, D]
+        embeds, mask = prompt_embeddings(model, features, prompts, options)
     return text_pieces(stream_tokens(llm, embeds, mask, options), llm.tokenizer)
-
-
-@torch.no_grad()
-def _prompt_inputs(model: "Blip2Model", pixel_values: torch.Tensor, prompts: Sequence[str], longest: int):
-    """Pixel values [B, 3, H, W] and prompts -> LLM input embeddings [B, Q + T, H] and mask [B, Q + T]."""
-    features = model.image_features(pixel_values)  # [B, N, D]
-    return model.prompt_inputs(features, prompts, max_len=max(longest, 1) + 1)  # + BOS (decoder-only) or EOS (T5)

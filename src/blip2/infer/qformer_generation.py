@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.generation import RepetitionPenaltyLogitsProcessor
 
+from blip2.infer.batching import Images, as_image_list, batch_slices, pixel_batch
 from blip2.infer.decoding import GenerationOptions, next_token
 from blip2.models.qformer import KVCache, QFormer
 
@@ -25,11 +26,23 @@ if TYPE_CHECKING:
 Hypothesis = tuple[list[int], float]  # generated token ids ([SEP] excluded), length-normalised log-probability
 
 
+def qformer_caption(model: "Blip2Model", images: Images, batch_size: int, options: GenerationOptions) -> list[str]:
+    """One caption per image, ``batch_size`` images at a time."""
+    images = as_image_list(images)
+    captions: list[str] = []
+    for where in batch_slices(len(images), batch_size):
+        captions += qformer_generate(model, model.image_features(pixel_batch(model, images, where)), options)
+    return captions
+
+
 @torch.no_grad()
 def qformer_generate(model: "Blip2Model", features: Tensor, options: GenerationOptions) -> list[str]:
     """Frozen image features [B, N, D] -> one caption per image."""
     if model.tokenizer.bos_token_id is None or model.tokenizer.sep_token_id is None:
-        raise ValueError("the Q-Former tokenizer needs [DEC] as its BOS token and a [SEP] token (blip2.weights.bert.load_tokenizer)")
+        raise ValueError(
+            "the Q-Former tokenizer needs [DEC] as its BOS token and a [SEP] token: build it with "
+            "blip2.weights.bert.load_tokenizer"
+        )
     cache = model.query_states(features, use_cache=True).cache  # per layer [B, heads, Q, d]
     if options.num_beams > 1:
         token_lists = [ids for ids, _ in beam_search(model.qformer, cache, model.tokenizer, options)]

@@ -21,10 +21,10 @@ from transformers import PreTrainedTokenizerBase
 from blip2.config import Blip2Config
 from blip2.data.images import load_image
 from blip2.infer import embeddings, generation
-from blip2.infer.batching import ImageInput, Images, as_image_list, as_text_list, batch_slices, pair_up, pixel_batch
+from blip2.infer.batching import ImageInput, Images
 from blip2.infer.chat import ChatSession
 from blip2.infer.decoding import GenerationOptions
-from blip2.infer.qformer_generation import qformer_generate
+from blip2.infer.qformer_generation import qformer_caption
 from blip2.models.language import FrozenLLM
 from blip2.models.qformer import QFormer
 from blip2.models.vision import ImageEncoder
@@ -170,9 +170,12 @@ class Blip2Model(nn.Module):
                 decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
             )
             return out.logits
-        return llm.model(inputs_embeds=embeds, attention_mask=mask).logits[:, prompt.shape[1]:]
+        # the LM head runs on the text positions only (the last T): the query positions' logits are never used
+        return llm.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1]).logits
 
-    def prompt_inputs(self, features: Tensor, prompts: Sequence[str], max_len: int | None = None) -> tuple[Tensor, Tensor]:
+    def prompt_inputs(
+        self, features: Tensor, prompts: Sequence[str], max_len: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The LLM input for generation, ``[visual prompt ; BOS + prompt]`` (decoder-only, left padded) or
         ``[visual prompt ; prompt + EOS]`` (encoder-decoder) -> (embeds [B, Q + T, H_llm], mask [B, Q + T]).
 
@@ -182,8 +185,9 @@ class Blip2Model(nn.Module):
         llm = self._require_llm()
         visual = self.soft_prompt(features)  # [B, Q, H_llm]
         decoder_only = not llm.is_encoder_decoder
+        max_len = max_len or self.cfg.llm.max_text_len
         ids, mask = llm.tokenize(
-            prompts, max_len or self.cfg.llm.max_text_len, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only
+            prompts, max_len, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only
         )  # [B, T]
         ids, mask = ids.to(visual.device), mask.to(visual.device)
         embeds = torch.cat([visual, llm.embed(ids)], dim=1)
@@ -224,15 +228,8 @@ class Blip2Model(nn.Module):
         Each question goes into the paper's prompt, "Question: {} Answer:" (decoder-only) or
         "Question: {} Short answer:" (encoder-decoder), unless ``prompt_template`` (with one ``{}``) says otherwise.
         """
-        questions = as_text_list(questions, "question")
-        images = as_image_list(images)
-        image_index, question_index = pair_up(len(images), "images", len(questions), "questions")
-        if isinstance(images, Tensor):
-            images = images[image_index]
-        else:
-            images = [images[i] for i in image_index]
-        prompts = generation.format_questions([questions[i] for i in question_index], prompt_template or generation.vqa_template(self._require_llm()))
-        return self.generate(images, prompts, batch_size, **gen)
+        options = GenerationOptions.from_kwargs(gen)
+        return generation.answer(self, images, questions, prompt_template, batch_size, options)
 
     def chat(self, image: ImageInput, system: str | None = None, cache: bool = True) -> ChatSession:
         """A multi-turn conversation about ``image`` that encodes it once and keeps the LLM's key/value cache."""
@@ -255,10 +252,4 @@ class Blip2Model(nn.Module):
 
         Greedy, sampling or beam search (``num_beams``); stops at [SEP] or after ``max_new_tokens``.
         """
-        options = GenerationOptions.from_kwargs(gen)
-        images = as_image_list(images)
-        captions: list[str] = []
-        for where in batch_slices(len(images), batch_size):
-            features = self.image_features(pixel_batch(self, images, where))
-            captions += qformer_generate(self, features, options)
-        return captions
+        return qformer_caption(self, images, batch_size, GenerationOptions.from_kwargs(gen))
