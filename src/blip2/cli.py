@@ -51,11 +51,16 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, defaul
     )  # fmt: skip
 
 
+def command_name(fn: Callable) -> str:
+    """``cache_features`` -> ``cache-features``; a trailing ``_`` avoids a builtin (``eval_`` -> ``eval``)."""
+    return fn.__name__.rstrip("_").replace("_", "-")
+
+
 def _add_command(subparsers, fn: Callable) -> None:
     doc = inspect.getdoc(fn) or ""
-    summary = doc.splitlines()[0] if doc else ""
+    summary = doc.split("\n\n")[0].replace("\n", " ")
     parser = subparsers.add_parser(
-        fn.__name__.replace("_", "-"), help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        command_name(fn), help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     hints = typing.get_type_hints(fn)
     groups = {}  # dataclass parameters: name -> (class, its field names)
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fn(**_regroup(args))
     except commands.USER_ERRORS as err:
-        print(f"blip2 {fn.__name__.replace('_', '-')}: error: {err}", file=sys.stderr)
+        print(f"blip2 {command_name(fn)}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)
 

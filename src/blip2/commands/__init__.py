@@ -1,0 +1,14 @@
+"""The CLI's commands: each is a typed function over the Python API (``blip2.cli`` builds the parser from it)."""
+
+from blip2.commands.evaluation import capfilt, eval_
+from blip2.commands.inference import ask, caption, chat, embed
+from blip2.commands.model import info
+from blip2.commands.training import cache_features, demo, plot, shapes, train
+from blip2.config import ConfigError
+from blip2.weights.keymap import KeyMapError
+from blip2.weights.offline import MissingPartError
+
+COMMANDS = [demo, info, caption, ask, chat, embed, shapes, cache_features, train, plot, eval_, capfilt]
+
+# Errors that mean "the input was wrong", printed as one clear line instead of a traceback.
+USER_ERRORS = (ConfigError, KeyMapError, MissingPartError, FileNotFoundError, ValueError)

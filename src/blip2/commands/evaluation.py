@@ -1,0 +1,37 @@
+"""`blip2 eval|capfilt`: measuring a model, cleaning a dataset with it."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from blip2.api import load
+from blip2.eval.tasks import evaluate
+from blip2.infer.capfilt import capfilt as run_capfilt
+
+
+def eval_(task: Literal["caption", "vqa", "retrieval"], data: str, model: str = "default", out: str | None = None,
+         limit: int | None = None, k: int = 128, caption_index: int | None = None, features: str | None = None,
+         annotations: str | None = None, batch_size: int = 16) -> None:
+    """Evaluate a model on a dataset: caption (BLEU-4, METEOR, ROUGE-L, CIDEr), vqa (VQAv2 accuracy) or
+    retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128).
+
+    DATA is any caption/VQA dataset (COCO/Flickr Karpathy JSON, VQAv2 questions + --annotations, a manifest,
+    a shapes split). --features reads cached encoder outputs instead of images. Results go to --out as JSON
+    and a Markdown table.
+    """
+    kw = {"limit": limit, "batch_size": batch_size, "features": features}
+    if task == "retrieval":
+        kw.update(k=k, caption_index=caption_index)
+    if task == "vqa" and annotations:
+        kw["annotations"] = annotations
+    results = evaluate(task, load(model), data, out_dir=out, **kw)
+    print(json.dumps({k: v for k, v in results.items() if k != "predictions"}, indent=2, default=str))
+
+
+def capfilt(data: str, out: str, model: str = "default", num_captions: int = 3, threshold: float = 0.5, keep: int = 2,
+            score: Literal["itm", "itc"] = "itm", limit: int | None = None, batch_size: int = 16) -> None:
+    """CapFilt (BLIP): caption every image of DATA with nucleus sampling, score original and synthetic captions
+    with ITM (or ITC), and write a cleaned manifest OUT keeping the --keep best captions scoring >= --threshold."""
+    run_capfilt(load(model), data, out, num_captions=num_captions, threshold=threshold, keep=keep, score=score,
+                limit=limit, batch_size=batch_size)
