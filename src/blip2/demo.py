@@ -16,12 +16,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+from PIL import Image
+
 from blip2.api import build_model, load
+from blip2.data.feature_cache import FeatureCache
 from blip2.data.shapes import ShapesConfig, generate
 from blip2.eval.report import write_report
 from blip2.eval.tasks import evaluate_captioning, evaluate_retrieval, evaluate_vqa_task
 from blip2.train.features import cache_features
-from blip2.train.plot import plot_run
+from blip2.train.plot import plot_run  # also selects matplotlib's file-only backend
 from blip2.train.recipe import Recipe, run_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -33,12 +37,12 @@ class DemoConfig:
     data_root: str = "data/shapes"
     runs: str = "runs/demo"
     report: str = "reports/demo"
-    sizes: dict[str, int] = field(default_factory=lambda: {"train": 4000, "val": 100, "test": 1000, "compositional": 300})
+    sizes: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 50, "test": 1000, "compositional": 300})
     stage1_steps: int | None = None  # None: the recipe's
     stage2_steps: int | None = None
-    eval_limit: int = 300  # questions / captions generated per split (generation is the slow part on CPU)
+    eval_limit: int = 200  # questions / captions generated per split (generation is the slow part on CPU)
     retrieval_k: int = 8  # ITM re-rank depth (the paper's 128 costs 128 Q-Former passes per query)
-    baseline_limit: int = 100
+    baseline_limit: int = 50
     retrain: bool = False
 
 
@@ -85,6 +89,69 @@ def evaluate_model(stage1, stage2, cfg: DemoConfig, features, limit: int) -> dic
     return results
 
 
+def showcase(model, split_dir: Path, out_png: Path, count: int = 8) -> list[dict]:
+    """Caption a few held-out images and answer one question each; print them and draw a captioned grid."""
+    questions = json.loads((split_dir / "vqa.json").read_text())
+    first_question = {}
+    for q in questions:
+        first_question.setdefault(q["image_id"], q)
+    rows = [json.loads(line) for line in (split_dir / "captions.jsonl").read_text().splitlines()[:count]]
+    images = [str(split_dir / row["image"]) for row in rows]
+    captions = model.caption(images)
+    asked = [first_question[row["image_id"]] for row in rows]
+    answers = model.answer(images, [q["question"] for q in asked])
+    shown = []
+    for row, path, caption, q, answer in zip(rows, images, captions, asked, answers):
+        shown.append({"image": path, "caption": caption, "reference": row["captions"][0], "question": q["question"],
+                      "answer": answer, "expected": q["answers"][0]})
+        print(f"  {Path(path).name}: {caption!r} (reference {row['captions'][0]!r})")
+        print(f"      Q: {q['question']}  A: {answer!r} (expected {q['answers'][0]!r})")
+    draw_grid(shown, out_png)
+    return shown
+
+
+def draw_grid(shown: list[dict], out_png: Path, columns: int = 4) -> None:
+    rows = (len(shown) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.6 * rows), squeeze=False)
+    for ax, item in zip(axes.flat, shown):
+        ax.imshow(Image.open(item["image"]))
+        ax.set_title(f"{item['caption']}\nQ: {item['question']}\nA: {item['answer']} (truth: {item['expected']})",
+                     fontsize=8, wrap=True)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+
+
+BARS = {  # the issue's quality bars on the shapes test split
+    "t2i R@1 (ITC)": 0.60, "t2i R@1 (ITC+ITM)": 0.60, "VQA accuracy": 0.70, "CIDEr": 1.5,
+}
+
+
+def headline(results: dict) -> dict[str, float]:
+    """The numbers the bars are about, from ``evaluate_model``'s results."""
+    return {
+        "t2i R@1 (ITC)": results["retrieval"]["itc"]["t2i_r1"],
+        "t2i R@1 (ITC+ITM)": results["retrieval"]["itc_itm"]["t2i_r1"],
+        "t2i R@1 ceiling": results["retrieval"]["ceiling"]["t2i_r1"],
+        "VQA accuracy": results["vqa_test"]["metrics"].get("overall", 0.0),
+        "VQA accuracy (compositional)": results["vqa_compositional"]["metrics"].get("overall", 0.0),
+        "CIDEr": results["caption_test"]["metrics"].get("CIDEr", 0.0),
+        "CIDEr (compositional)": results["caption_compositional"]["metrics"].get("CIDEr", 0.0),
+        "BLEU-4": results["caption_test"]["metrics"].get("Bleu_4", 0.0),
+    }
+
+
+def print_table(trained: dict[str, float], untrained: dict[str, float]) -> None:
+    print(f"[demo] {'metric':32s} {'trained':>8s} {'untrained':>9s} {'bar':>6s}")
+    for name, value in trained.items():
+        bar = BARS.get(name)
+        mark = "" if bar is None else ("  meets the bar" if value >= bar else "  below the bar")
+        print(f"[demo] {name:32s} {value:8.3f} {untrained.get(name, float('nan')):9.3f} "
+              f"{'' if bar is None else f'{bar:6.2f}'}{mark}")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     clock = Clock()
     report = Path(cfg.report)
@@ -105,8 +172,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage2_dir = train_stage("stage2", cfg, cfg.stage2_steps)
     clock.done("stage 2")
 
-    from blip2.data.feature_cache import FeatureCache
-
     features = FeatureCache(features_dir)
     trained = evaluate_model(load(stage1_dir), load(stage2_dir), cfg, features, cfg.eval_limit)
     clock.done("evaluation")
@@ -114,9 +179,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     baseline = evaluate_model(untrained, untrained, cfg, features, cfg.baseline_limit)
     clock.done("untrained baseline")
 
-    metrics = {"trained": trained, "untrained": baseline, "seconds": clock.phases,
+    print("[demo] held-out (compositional) images:")
+    examples = showcase(load(stage2_dir), root / "compositional", report / "examples.png")
+    clock.done("examples")
+
+    summary = {"trained": headline(trained), "untrained": headline(baseline)}
+    print_table(summary["trained"], summary["untrained"])
+    metrics = {"summary": summary, "trained": trained, "untrained": baseline, "examples": examples, "seconds": clock.phases,
                "total_minutes": round((time.perf_counter() - clock.start) / 60, 2)}
-    write_report(metrics, report, "metrics")
+    write_report({"summary": summary, "seconds": clock.phases, "total_minutes": metrics["total_minutes"]}, report, "metrics")
     for stage in ("stage1", "stage2"):
         if (Path(cfg.runs) / stage / "metrics.jsonl").is_file():
             plot_run(Path(cfg.runs) / stage, report / f"{stage}_curves.png")
