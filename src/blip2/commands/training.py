@@ -33,7 +33,7 @@ def encoder_of(source: str):
     return load(source)
 
 
-def cache_features(data: list[str], out: str, model: str = "default", image_root: str | None = None,
+def cache_features(data: list[str], out: str = "features", model: str = "default", image_root: str | None = None,
                    batch_size: int = 64, workers: int = 0, dtype: str = "float16") -> None:
     """Run the frozen image encoder once over DATA and store its features in OUT (memory-mapped .npy shards).
 
