@@ -43,7 +43,7 @@ from blip2.eval.retrieval import recall_at_k, rerank_topk
 from blip2.eval.vqa import evaluate_vqa
 from blip2.infer.batching import batch_slices
 from blip2.infer.decoding import GenerationOptions
-from blip2.infer.generation import check_prompt_lengths, format_questions, vqa_template
+from blip2.infer.generation import format_questions, generate_from_features, vqa_template
 from blip2.infer.qformer_generation import qformer_generate
 
 if TYPE_CHECKING:
@@ -122,18 +122,12 @@ def texts_from_features(
 ) -> list[str]:
     """One generated text per row of ``features`` [B, N, D]: through the LLM after a prompt per row (None: no
     prompt; the text is what follows the prompt), or, for a stage-1 model, from the Q-Former's captioning head."""
-    llm = model.llm
-    if llm is None:
+    if model.llm is None:
         if prompts is not None and any(prompts):
             raise ValueError("a stage-1 model captions with its Q-Former, which takes no prompt: drop the prompt "
                              "or use a stage-2 model")
         return qformer_generate(model, features, options)
-    prompts = list(prompts) if prompts is not None else [""] * len(features)
-    longest = check_prompt_lengths(llm, model.qformer.num_queries, prompts, options)
-    embeds, mask = model.prompt_inputs(features, prompts, max_len=max(longest, 1) + 1)  # + BOS (or EOS for T5)
-    with options.seeded(embeds.device):
-        out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(llm))
-    return [text.strip() for text in llm.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return generate_from_features(model, features, list(prompts) if prompts is not None else [""] * len(features), options)
 
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
