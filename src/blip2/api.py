@@ -18,12 +18,17 @@ from blip2.weights.lavis import load_lavis
 from blip2.weights.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_checkpoint, load_trainable
 
 
-def build_model(cfg: Blip2Config, init_qformer: bool = True) -> Blip2Model:
-    """Build the frozen parts named by ``cfg`` and a fresh (BERT-initialised unless told not to) Q-Former."""
+def build_model(cfg: Blip2Config, init_qformer: bool = True, seed: int = 0) -> Blip2Model:
+    """Build the frozen parts named by ``cfg`` and a fresh (BERT-initialised unless told not to) Q-Former.
+
+    The random initialisation draws from ``seed`` (without touching the global RNG), so an untrained model is
+    the same in every process."""
     vision = build_image_encoder(cfg.vision)
     cfg = dataclasses.replace(cfg, qformer=dataclasses.replace(cfg.qformer, encoder_width=vision.out_dim))
     llm = build_llm(cfg.llm) if cfg.llm is not None else None
-    model = Blip2Model(cfg, vision, load_tokenizer(cfg.qformer.tokenizer), llm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Blip2Model(cfg, vision, load_tokenizer(cfg.qformer.tokenizer), llm)
     if init_qformer and cfg.qformer.init_from:
         init_qformer_from_bert(model.qformer, cfg.qformer.init_from)
     return model
