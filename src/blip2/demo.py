@@ -37,12 +37,12 @@ class DemoConfig:
     data_root: str = "data/shapes"
     runs: str = "runs/demo"
     report: str = "reports/demo"
-    sizes: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 50, "test": 1000, "compositional": 300})
+    sizes: dict[str, int] = field(default_factory=lambda: {"train": 1000, "val": 50, "test": 1000, "compositional": 200})
     stage1_steps: int | None = None  # None: the recipe's
     stage2_steps: int | None = None
-    eval_limit: int = 200  # questions / captions generated per split (generation is the slow part on CPU)
-    retrieval_k: int = 8  # ITM re-rank depth (the paper's 128 costs 128 Q-Former passes per query)
-    baseline_limit: int = 50
+    eval_limit: int = 60  # questions / captions generated per split (generation is the slow part on CPU)
+    retrieval_k: int = 4  # ITM re-rank depth (the paper's 128 costs 128 Q-Former passes per query)
+    baseline_limit: int = 30
     retrain: bool = False
 
 
