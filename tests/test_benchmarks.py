@@ -1,0 +1,120 @@
+"""Smoke tests of the benchmark scripts: each runs on tiny models with ``--quick`` and prints its table and
+``ratio: X.XXx`` lines (the scripts themselves assert that both sides agree: same Q-Former outputs, identical
+greedy captions and chat replies). The scripts run in this process (imports are the slow part of a run);
+the end-to-end ``run_all.py --quick`` in subprocesses is marked slow."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RATIO = re.compile(r"^ratio: (\d+\.\d\d)x  \S.*\(.*\)$", re.MULTILINE)
+TABLE_RULE = re.compile(r"^\| --- \|", re.MULTILINE)
+SCRIPT_MODULES = ("common", "demo", "model_pair", "qformer", "generation", "chat", "feature_cache", "memory", "run_all")
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys):
+    """``run_script(name, *args)`` -> stdout of ``benchmarks/<name>.py --quick *args`` run in this process."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    threads = torch.get_num_threads()
+    progress_bars = transformers.utils.logging.is_progress_bar_enabled()
+
+    def run(name: str, *args: str) -> str:
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", "--quick", *args])
+        with torch.random.fork_rng():
+            runpy.run_path(str(BENCHMARKS / f"{name}.py"), run_name="__main__")
+        return capsys.readouterr().out
+
+    yield run
+    torch.set_num_threads(threads)  # the scripts set these process-wide
+    if progress_bars:
+        transformers.utils.logging.enable_progress_bar()
+    for module in SCRIPT_MODULES:  # plain names like "chat" must not linger in sys.modules
+        sys.modules.pop(module, None)
+
+
+def ratios(output: str) -> list[float]:
+    return [float(value) for value in RATIO.findall(output)]
+
+
+def test_qformer_prints_a_table_and_a_ratio_per_workload(run_script):
+    out = run_script("qformer")
+    assert out.startswith("machine: ")
+    assert TABLE_RULE.search(out)
+    assert len(ratios(out)) == 2  # queries, queries+text on the tiny config
+    assert all(value > 0 for value in ratios(out))
+    assert "target >= 1.30x" in out
+
+
+def test_generation_compares_identical_captions_at_batch_1_and_16(run_script):
+    out = run_script("generation")
+    assert len(ratios(out)) == 2
+    assert "batch 1 (identical greedy captions)" in out and "batch 16 (identical greedy captions)" in out
+
+
+def test_chat_reports_turn_five(run_script):
+    out = run_script("chat")
+    assert len(ratios(out)) == 1
+    assert "chat turn 5 latency" in out
+    turn_rows = re.findall(r"^\| (\d) \| (\d+) / (\d+) \|", out, re.MULTILINE)
+    assert [int(turn) for turn, _, _ in turn_rows] == [1, 2, 3, 4, 5]
+    for turn, ours, theirs in turn_rows[1:]:  # after turn 1 the cache saves recomputing the history
+        assert int(ours) < int(theirs)
+    assert [int(theirs) for _, _, theirs in turn_rows] == sorted(int(theirs) for _, _, theirs in turn_rows)
+
+
+def test_feature_cache_compares_cache_and_images(run_script):
+    out = run_script("feature_cache")
+    assert "| feature cache |" in out and "| images |" in out
+    assert len(ratios(out)) == 1
+
+
+def test_memory_stage_measures_a_peak_above_what_was_loaded(monkeypatch):
+    """The per-stage measurement a memory.py subprocess runs, here in this process on the tiny model."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    memory = runpy.run_path(str(BENCHMARKS / "memory.py"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script's children run (a second thread only waits on a busy machine)
+    try:
+        result = memory["run_stage"]("generation", quick=True)
+    finally:
+        torch.set_num_threads(threads)
+        for module in SCRIPT_MODULES:
+            sys.modules.pop(module, None)
+    assert 0 < result["loaded_mb"] <= result["peak_mb"]
+    assert "3-turn chat" in result["what"]
+
+
+def test_ratio_line_says_whether_the_target_is_met(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    common = runpy.run_path(str(BENCHMARKS / "common.py"))
+    assert common["ratio_line"]("x", 1.5, 1.3).startswith("ratio: 1.50x  x (")
+    assert common["ratio_line"]("x", 1.5, 1.3).endswith("target >= 1.30x: met)")
+    assert common["ratio_line"]("x", 0.999, 1.0).endswith("target >= 1.00x: missed)")
+    calls = []
+    seconds = common["interleaved"]({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
+    assert [len(v) for v in seconds.values()] == [3, 3]
+
+
+@pytest.mark.slow
+def test_run_all_quick_end_to_end(tmp_path):
+    """Every script in its own process (memory.py's stages in theirs), then the summary of ratio lines."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run_all.py"), "--quick"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = done.stdout.split("## summary", 1)[1]
+    assert len(ratios(done.stdout)) == 2 + 1 + 3 + 2 + 1
+    for name in ("qformer", "feature_cache", "memory", "generation", "chat"):
+        assert re.search(rf"^\s*{name}  ratio: \d+\.\d\dx", summary, re.MULTILINE), name
