@@ -140,13 +140,18 @@ class Blip2Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Blip2Config":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} does not hold a mapping")
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml_mapping(path, "model config"))
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping (a config, a recipe), with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a mapping of {what} settings")
+    return data
 
 
 def _from_dict(cls, data: dict[str, Any], where: str):

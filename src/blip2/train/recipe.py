@@ -22,7 +22,7 @@ import yaml
 from torch.utils.data import ConcatDataset
 
 from blip2.api import build_model
-from blip2.config import Blip2Config, ConfigError
+from blip2.config import Blip2Config, ConfigError, read_yaml_mapping
 from blip2.data.datasets import BadImageCounter, open_dataset
 from blip2.data.feature_cache import FeatureCache, encoder_identity
 from blip2.train.distributed import is_main
@@ -73,10 +73,7 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe not found: {path}")
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml_mapping(path, "recipe")
         for item in overrides or []:
             apply_override(data, item)
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})

@@ -30,7 +30,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from blip2.config import ConfigError
+from blip2.config import ConfigError, read_yaml_mapping
 from blip2.train.checkpointing import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -141,13 +141,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"train config file not found: {path}")
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} does not hold a mapping of train settings")
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml_mapping(path, "train config"))
 
 
 class NonFiniteLossError(FloatingPointError):
