@@ -144,6 +144,15 @@ def tiny_blip2(tmp_path):
     return make
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a shared 2-core machine punishes oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_parts(tmp_path):
     """Factory: standalone directories for a random Blip2VisionModel and a random LLM ("opt", "llama", "t5").

@@ -33,13 +33,6 @@ from blip2.train.features import cache_features
 CHEAP_METRICS = ("Bleu", "ROUGE_L", "CIDEr")  # METEOR starts a JVM with a 60 MB table (~10 s): tested in test_captioning
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def make_model(tiny_parts, randomize):

@@ -28,7 +28,7 @@ from blip2.train.distributed import full_tensor, get_rank, setup_distributed, te
 from blip2.train.trainer import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tiny world of test_trainer.py
-from test_trainer import Regression, TinyNet, mean_loss, one_thread, trained_weights  # noqa: E402, F401 (autouse)
+from test_trainer import Regression, TinyNet, mean_loss, trained_weights  # noqa: E402
 
 WORLD = 2
 

@@ -18,12 +18,11 @@ from blip2.train.trainer import TrainConfig, Trainer
 from blip2.weights.keymap import KeyMapError
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tiny world of test_trainer.py
-from test_trainer import (  # noqa: E402, F401  (one_thread: an autouse fixture)
+from test_trainer import (  # noqa: E402
     Regression,
     RegressionStream,
     TinyNet,
     noisy_loss,
-    one_thread,
     trained_weights,
 )
 

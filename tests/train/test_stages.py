@@ -57,7 +57,7 @@ def test_training_from_the_cache_equals_training_from_images(tmp_path, tiny_part
         losses = []
         for dataset in (from_images, from_cache):
             torch.manual_seed(0)  # dropout and the ITM negatives draw the same numbers
-            losses.append({k: float(v) for k, v in stage1_step(model, collate([dataset[i] for i in range(8)])).items()})
+            losses.append({k: v.item() for k, v in stage1_step(model, collate([dataset[i] for i in range(8)])).items()})
         assert losses[0].keys() == {"loss", "itc", "itm", "itg"}
         for name in losses[0]:
             assert losses[1][name] == pytest.approx(losses[0][name], rel=tolerance, abs=tolerance), (dtype, name)

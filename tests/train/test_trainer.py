@@ -1,6 +1,6 @@
 """The training loop on a tiny model: schedule, parameter groups, data order, logging, checkpoints, failures.
 
-The small world defined at the top (``TinyNet``, ``Regression``, the losses, ``one_thread``) is shared with
+The small world defined at the top (``TinyNet``, ``Regression``, the losses) is shared with
 test_resume.py and test_ddp.py.
 """
 
@@ -98,14 +98,6 @@ def noisy_loss(model, batch):
 def trained_weights(model):
     return {k: v.clone() for k, v in model.trainable_state_dict().items()}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a busy 2-core machine run far faster (and identically everywhere) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(tmp_path, **overrides):
