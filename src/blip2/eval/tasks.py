@@ -10,18 +10,14 @@ counted (``skipped_images``). The metrics come from ``eval/captioning.py``, ``ev
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from blip2.data.datasets import (
@@ -29,22 +25,26 @@ from blip2.data.datasets import (
     MANIFEST_IN_FOLDER,
     VQA,
     BadImageCounter,
-    CaptionDataset,
     DatasetFormatError,
-    VQADataset,
-    collate_skip_bad,
     detect_kind,
-    open_dataset,
 )
-from blip2.data.feature_cache import FeatureCache, encoder_identity
 from blip2.eval.captioning import evaluate_captions
 from blip2.eval.report import write_report
 from blip2.eval.retrieval import recall_at_k, rerank_topk
 from blip2.eval.vqa import evaluate_vqa
 from blip2.infer.batching import batch_slices
 from blip2.infer.decoding import GenerationOptions
-from blip2.infer.generation import format_questions, generate_from_features, vqa_template
-from blip2.infer.qformer_generation import qformer_generate
+from blip2.infer.generation import format_questions, vqa_template
+from blip2.infer.dataset_runs import (
+    FeaturesArg,
+    batch_features,
+    batches,
+    eval_mode,
+    open_eval_dataset,
+    resolve_features,
+    texts_from_features,
+    write_text_atomically,
+)
 
 if TYPE_CHECKING:
     from blip2.models.blip2 import Blip2Model
@@ -53,97 +53,6 @@ CAPTION_METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr")  # BLEU-1..4, METEOR, R
 RECALL_KS = (1, 5, 10)
 VQA_GENERATION = {"max_new_tokens": 10}  # answers are a few words; beam search is the caller's choice (the paper: 5 beams)
 TOP_RETRIEVED = 5  # how many retrieved items the retrieval predictions file lists per query
-
-FeaturesArg = FeatureCache | str | Path | None
-
-
-# ------------------------------------------------------------------------ running a model over a dataset
-
-
-@contextlib.contextmanager
-def eval_mode(model: "Blip2Model") -> Iterator[None]:
-    """Dropout off while evaluating; the model's train/eval state is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def resolve_features(model: "Blip2Model", features: FeaturesArg) -> FeatureCache | None:
-    """A feature cache folder (checked against ``model``'s encoder and preprocessing) or an open cache, or None."""
-    if features is None or isinstance(features, FeatureCache):
-        return features
-    return FeatureCache(features, expect=encoder_identity(model.cfg.vision, model.vision.preprocess))
-
-
-def open_eval_dataset(
-    model: "Blip2Model", data: str | Path, task: str, cache: FeatureCache | None, image_root: str | Path | None = None,
-    annotations: str | Path | None = None,
-) -> CaptionDataset | VQADataset:
-    """``data`` opened for ``task`` with the encoder's eval preprocessing (or the cached features) as transform."""
-    transform = cache if cache is not None else model.vision.preprocess.eval_transform()
-    dataset = open_dataset(data, transform=transform, task=task, image_root=image_root, annotations=annotations)
-    if not isinstance(dataset, (CaptionDataset, VQADataset)):
-        raise DatasetFormatError(
-            f"{data}: evaluation needs a dataset with a known length (a manifest, COCO/VQAv2 JSON or a shapes split "
-            "folder), not streamed tar shards"
-        )
-    return dataset
-
-
-def batches(dataset, limit: int | None, batch_size: int, desc: str, progress: bool, counter: BadImageCounter):
-    """The first ``limit`` items (all: None) in collated batches, bad images dropped and counted by ``counter``."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of items (or None for all), got {limit}")
-    items = Subset(dataset, range(min(limit, len(dataset)))) if limit is not None else dataset
-    loader = DataLoader(items, batch_size=batch_size, collate_fn=collate_skip_bad)
-    return counter.track(tqdm(loader, desc=desc, unit="batch", disable=not progress))
-
-
-def batch_features(model: "Blip2Model", batch: dict[str, Any], cached: bool) -> Tensor:
-    """Frozen features [B, N, D] on the model's device for a collated batch: its pixels [B, 3, H, W] run through
-    the encoder (each distinct image id once), or its cached features [B, N, D] as they are."""
-    images = batch["image"]
-    if cached:
-        return images.to(model.device)
-    first_row: dict[str, int] = {}  # image id -> the first batch row that holds it
-    for row, image_id in enumerate(batch["image_id"]):
-        first_row.setdefault(image_id, row)
-    slot = {image_id: index for index, image_id in enumerate(first_row)}
-    features = model.image_features(images[list(first_row.values())].to(model.device))  # [U, N, D]
-    return features[torch.tensor([slot[image_id] for image_id in batch["image_id"]], device=features.device)]  # [B, N, D]
-
-
-def texts_from_features(
-    model: "Blip2Model", features: Tensor, prompts: Sequence[str] | None, options: GenerationOptions
-) -> list[str]:
-    """One generated text per row of ``features`` [B, N, D]: through the LLM after a prompt per row (None: no
-    prompt; the text is what follows the prompt), or, for a stage-1 model, from the Q-Former's captioning head."""
-    if model.llm is None:
-        if prompts is not None and any(prompts):
-            raise ValueError("a stage-1 model captions with its Q-Former, which takes no prompt: drop the prompt "
-                             "or use a stage-2 model")
-        return qformer_generate(model, features, options)
-    return generate_from_features(model, features, list(prompts) if prompts is not None else [""] * len(features), options)
-
-
-def write_text_atomically(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
 
 def _official_id(value: str) -> int | str:
     """COCO/VQAv2 result files use integer ids: "391895" -> 391895; other ids stay strings."""

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from blip2.data.datasets import CAPTION, BadImageCounter
-from blip2.eval.tasks import (
+from blip2.infer.dataset_runs import (
     FeaturesArg,
     batch_features,
     batches,
