@@ -45,9 +45,9 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, defaul
     if annotation is bool:
         parser.add_argument(*flags, dest=dest or name, action=argparse.BooleanOptionalAction, default=default)
         return
-    parser.add_argument(
+    parser.add_argument(  # a repeated list option adds to the list (--set a=1 --set b=2), never replaces it
         *flags, dest=dest or name, type=kind, nargs="+" if many else None, choices=choices, default=default,
-        metavar=None if choices else name.upper(), help=f"(default: {default})",
+        action="extend" if many else "store", metavar=None if choices else name.upper(), help=f"(default: {default})",
     )  # fmt: skip
 
 

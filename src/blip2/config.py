@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,12 +144,29 @@ class Blip2Config:
         return cls.from_dict(read_yaml_mapping(path, "model config"))
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that ``1e-3`` is a float (PyYAML wants ``1.0e-3``, else a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values (safe: plain data only), with ``1e-3`` read as a number."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     """A YAML file holding a mapping (a config, a recipe), with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} file not found: {path}")
-    data = yaml.safe_load(path.read_text())
+    data = parse_yaml(path.read_text())
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a mapping of {what} settings")
     return data

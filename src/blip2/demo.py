@@ -12,6 +12,7 @@ A trained demo model is reused on the next run unless ``retrain``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 
 from blip2.api import build_model, load
 from blip2.data.feature_cache import FeatureCache
-from blip2.data.shapes import ShapesConfig, generate
+from blip2.data.shapes import ShapesConfig, generate, image_id
 from blip2.eval.report import write_report
 from blip2.eval.tasks import evaluate_captioning, evaluate_retrieval, evaluate_vqa_task
 from blip2.train.features import cache_features
@@ -62,7 +63,7 @@ class Clock:
 
 def recipe(name: str, cfg: DemoConfig, steps: int | None) -> Recipe:
     overrides = [f"data.captions=[{cfg.data_root}/train]", f"data.feature_cache={cfg.data_root}/features",
-                 f"train.out_dir={cfg.runs}/{name}"]
+                 f"train.out_dir={cfg.runs}/{name}", "train.resume=auto"]  # an interrupted demo continues
     if name == "stage2":
         overrides += [f"data.vqa=[{cfg.data_root}/train]", f"init={cfg.runs}/stage1/final"]
     if steps:
@@ -70,11 +71,22 @@ def recipe(name: str, cfg: DemoConfig, steps: int | None) -> Recipe:
     return Recipe.load(RECIPES / f"shapes_{name}.yaml", overrides)
 
 
+def cache_covers(features_dir: Path, root: Path, sizes: dict[str, int]) -> bool:
+    """Whether a feature cache exists and holds every image of the splits the demo trains and evaluates on."""
+    if not (features_dir / "meta.json").is_file():
+        return False
+    cache = FeatureCache(features_dir)
+    return all(image_id(split, index) in cache for split in ("train", "test", "compositional")
+               for index in range(sizes[split]))
+
+
 def train_stage(name: str, cfg: DemoConfig, steps: int | None) -> Path:
-    final = Path(cfg.runs) / name / "final"
-    if final.is_dir() and not cfg.retrain:
-        print(f"[demo] reusing {final} (pass --retrain to train again)")
-        return final
+    run = Path(cfg.runs) / name
+    if (run / "final").is_dir() and not cfg.retrain:
+        print(f"[demo] reusing {run / 'final'} (pass --retrain to train again)")
+        return run / "final"
+    if cfg.retrain and run.is_dir():
+        shutil.rmtree(run)  # asked for: a new run replaces the old one
     return run_recipe(recipe(name, cfg, steps))
 
 
@@ -162,7 +174,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     stage1_recipe = recipe("stage1", cfg, cfg.stage1_steps)
     features_dir = root / "features"
-    if not (features_dir / "meta.json").is_file():
+    if not cache_covers(features_dir, root, cfg.sizes):
         encoder_only = build_model(stage1_recipe.model, init_qformer=False)
         cache_features(encoder_only, [str(root / s) for s in ("train", "test", "compositional")], features_dir)
     clock.done("frozen-feature cache")

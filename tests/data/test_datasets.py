@@ -94,6 +94,26 @@ def test_training_samples_a_caption_per_epoch(tmp_path, images):
     assert open_dataset(manifest, transform=to_tensor)[0]["text"] == "caption 0"  # eval: first
 
 
+def test_several_distinct_captions_per_image_per_epoch(tmp_path, images):
+    rows = [{"image": "img/red.png", "captions": [f"red {k}" for k in range(5)]},
+            {"image": "img/green.png", "captions": ["green 0", "green 1"]}]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    dataset = open_dataset(manifest, transform=to_tensor, train=True, seed=3, captions_per_image=3)
+    assert len(dataset) == 6  # 2 images x 3
+    red = [dataset[i]["text"] for i in range(3)]
+    assert len(set(red)) == 3 and all(t.startswith("red") for t in red)  # distinct, without replacement
+    green = [dataset[i]["text"] for i in range(3, 6)]
+    assert set(green) == {"green 0", "green 1"}  # fewer captions than slots: each used, then reused
+    seen = set()
+    for epoch in range(8):  # a new draw every epoch: over a few epochs every caption comes up
+        dataset.set_epoch(epoch)
+        seen |= {dataset[i]["text"] for i in range(3)}
+    assert seen == {f"red {k}" for k in range(5)}
+    assert len(open_dataset(manifest, transform=to_tensor, captions_per_image=3)) == 2  # evaluation: one per image
+    with pytest.raises(ValueError, match="captions_per_image"):
+        open_dataset(manifest, train=True, captions_per_image=0)
+
+
 def test_manifest_lines_naming_the_same_image_are_merged(tmp_path, images):
     manifest = _write_jsonl(
         tmp_path / "m.jsonl", [{"image": "img/red.png", "caption": "one"}, {"image": "img/red.png", "caption": "two"}]

@@ -189,3 +189,9 @@ def test_default_model_chat_subprocess(photo):
     replies = done.stdout.splitlines()
     assert len(replies) == 2 and replies[0] == replies[1]  # after /reset the same question, same reply
     assert "(conversation cleared)" in done.stderr
+
+
+def test_repeated_list_options_accumulate():
+    args = build_parser().parse_args(["train", "r.yaml", "--set", "train.steps=5", "--set", "train.lr=1e-3", "data.x=1"])
+    assert args.set == ["train.steps=5", "train.lr=1e-3", "data.x=1"]  # none of them silently dropped
+    assert build_parser().parse_args(["train", "r.yaml"]).set is None

@@ -378,8 +378,10 @@ def test_smollm2_is_a_tied_llama_with_its_chat_tokens(smollm2):
     assert type(model).__name__ == "LlamaForCausalLM" and not smollm2.is_encoder_decoder
     assert smollm2.hidden_size == 576 and model.dtype == torch.float32
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert tokenizer.convert_ids_to_tokens([smollm2.bos_token_id, smollm2.eos_token_id]) == ["<|im_start|>", "<|im_end|>"]
-    assert (smollm2.bos_token_id, smollm2.eos_token_id, smollm2.pad_token_id) == (1, 2, 2)
+    # BOS is the document separator, not the chat-turn opener the GGUF names (use_document_start_as_bos)
+    assert tokenizer.convert_ids_to_tokens([smollm2.bos_token_id, smollm2.eos_token_id]) == ["<|endoftext|>", "<|im_end|>"]
+    assert (smollm2.bos_token_id, smollm2.eos_token_id, smollm2.pad_token_id) == (0, 2, 2)
+    assert model.config.bos_token_id == model.generation_config.bos_token_id == 0  # an export carries it
     assert tokenizer("Hello")["input_ids"] == tokenizer("Hello", add_special_tokens=False)["input_ids"]  # no auto BOS
     prompt = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")

@@ -91,6 +91,16 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(name, tiny_parts):
     assert (model.llm is None) == (loaded.stage == 1)
 
 
+def test_overrides_and_recipes_read_exponent_numbers_as_numbers(tmp_path):
+    """PyYAML alone reads ``1e-3`` as the string "1e-3"; a user typing --set train.lr=1e-3 means a number."""
+    text = (RECIPES / "shapes_stage1.yaml").read_text().replace("lr: 3.0e-4", "lr: 3e-4")
+    (tmp_path / "recipe.yaml").write_text(text)
+    recipe = Recipe.load(tmp_path / "recipe.yaml", ["train.lr=1e-3", "train.weight_decay=5E-2", "train.steps=7"])
+    assert recipe.train.lr == 1e-3 and recipe.train.weight_decay == 0.05 and recipe.train.steps == 7
+    assert Recipe.load(tmp_path / "recipe.yaml").train.lr == 3e-4
+    assert Recipe.load(tmp_path / "recipe.yaml", ["train.out_dir=runs/1e3"]).train.out_dir == "runs/1e3"
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "blip2.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)

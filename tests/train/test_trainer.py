@@ -23,6 +23,7 @@ from blip2.train.trainer import (
     Trainer,
     batch_size_of,
     build_param_groups,
+    cpu_has_native_bf16,
     epoch_batches,
     lr_factor,
     set_learning_rates,
@@ -285,10 +286,23 @@ def test_non_finite_loss_stops_at_the_step_and_keeps_the_last_checkpoint(tmp_pat
 
 def test_precision_and_fsdp_need_the_right_hardware(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="blip2.train"):
-        trainer = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, precision="bf16"))
+        trainer = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, precision="fp16"))
     assert trainer.autocast_dtype is None and "training in fp32 on cpu" in caplog.text
+    auto = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, precision="auto"))
+    assert auto.autocast_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
     with pytest.raises(RuntimeError, match="torchrun"):
         Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, fsdp=True))
+
+
+def test_bf16_autocast_on_cpu_trains_fp32_weights(tmp_path):
+    model = TinyNet()
+    trainer = Trainer(model, mean_loss, Regression(), config(tmp_path, precision="bf16", steps=30, log_every=1))
+    assert trainer.autocast_dtype == torch.bfloat16
+    trainer.fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["losses"]["loss"] for line in lines]
+    assert losses[-1] < 0.5 * losses[0]  # learns under autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
 
 
 def test_clear_errors_for_bad_inputs(tmp_path):
@@ -311,3 +325,13 @@ def test_plot_run_draws_every_loss_component_and_the_lr(tmp_path):
     assert plot_run(tmp_path / "run", tmp_path / "elsewhere" / "c.png").is_file()
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         plot_run(tmp_path)
+
+
+def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_checkpoints(tmp_path):
+    Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, save_every=3)).fit()
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds checkpoints.*resume: auto"):
+        Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, save_every=3))
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before  # nothing touched
+    resumed = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, steps=9, resume="auto")).fit()
+    assert resumed["step"] == 9

@@ -334,41 +334,49 @@ class CaptionDataset(Dataset):
 
     ``transform`` may be a ``FeatureCache``: then "image" holds the image's cached frozen features [N, D].
 
-    ``train``: each epoch draws one of an image's captions (deterministic in seed, epoch and index;
-    call ``set_epoch`` like ``DistributedSampler.set_epoch``); images without captions are dropped.
-    Otherwise the first caption ("" when there is none, e.g. unannotated COCO test images).
+    ``train``: each epoch draws ``captions_per_image`` distinct captions of every image (all of them when it
+    has fewer; deterministic in seed, epoch and image; call ``set_epoch`` like ``DistributedSampler.set_epoch``),
+    so an epoch holds ``images x captions_per_image`` items; images without captions are dropped. One per image
+    (the default) keeps an image from meeting itself as an ITC negative; more weighs captions up in a mix.
+    Otherwise (evaluation) one item per image with its first caption ("" when there is none).
     """
 
     def __init__(
-        self, records: list[CaptionRecord], transform: Transform | None = None, train: bool = False, seed: int = 0
+        self, records: list[CaptionRecord], transform: Transform | None = None, train: bool = False, seed: int = 0,
+        captions_per_image: int = 1,
     ):
+        if captions_per_image < 1:
+            raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
         self.records = [r for r in records if r.captions] if train else list(records)
         if train and len(self.records) < len(records):
             logger.info("dropped %d images without captions from training", len(records) - len(self.records))
         self.transform = transform
         self.train = train
         self.seed = seed
+        self.per_image = captions_per_image if train else 1
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) * self.per_image
 
     def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
-        record = self.records[index]
+        position, slot = divmod(index, self.per_image)
+        record = self.records[position]
         image = _record_image(record, self.transform)
         if isinstance(image, BadImage):
             return image
-        return {"image": image, "text": self._caption(index, record), "image_id": record.image_id}
+        return {"image": image, "text": self._caption(position, slot, record), "image_id": record.image_id}
 
-    def _caption(self, index: int, record: CaptionRecord) -> str:
+    def _caption(self, position: int, slot: int, record: CaptionRecord) -> str:
         if not record.captions:
             return ""
         if not self.train:
             return record.captions[0]
-        return random.Random(f"{self.seed}/{self.epoch}/{index}").choice(record.captions)
+        order = random.Random(f"{self.seed}/{self.epoch}/{position}").sample(record.captions, len(record.captions))
+        return order[slot % len(order)]
 
 
 class VQADataset(Dataset):
@@ -633,13 +641,15 @@ def open_dataset(
     annotations: str | Path | None = None,
     seed: int = 0,
     shuffle_buffer: int = 1000,
+    captions_per_image: int = 1,
 ) -> CaptionDataset | VQADataset | ShardDataset:
     """Open any supported dataset for ``task`` ("caption" or "vqa").
 
     ``kind`` defaults to ``detect_kind``; ``transform`` maps a PIL image to the encoder's input
     tensor (None keeps PIL images); ``image_root`` is where relative image paths start (default:
-    the file's folder); ``annotations`` is the VQAv2 annotations file for a VQAv2 questions file.
-    Use the result with ``collate_skip_bad`` and a ``BadImageCounter``.
+    the file's folder); ``annotations`` is the VQAv2 annotations file for a VQAv2 questions file;
+    ``captions_per_image`` is how many of an image's captions a training epoch uses (``CaptionDataset``;
+    WebDataset samples hold one caption each). Use the result with ``collate_skip_bad`` and a ``BadImageCounter``.
     """
     _check_task(task)
     spec = _resolve_folder(path_or_spec, task)
@@ -648,7 +658,7 @@ def open_dataset(
         return ShardDataset(expand_shards(spec), transform, task, train=train, seed=seed, shuffle_buffer=shuffle_buffer)
     records = read_records(spec, kind, task, image_root=image_root, annotations=annotations)
     if task == CAPTION:
-        return CaptionDataset(records, transform, train=train, seed=seed)
+        return CaptionDataset(records, transform, train=train, seed=seed, captions_per_image=captions_per_image)
     return VQADataset(records, transform)
 
 

@@ -28,6 +28,9 @@ from blip2.config import LLMConfig
 from blip2.weights.gguf import smollm2_dir
 
 
+SMOLLM2_DOCUMENT_START = "<|endoftext|>"
+
+
 class LLMLoadError(RuntimeError):
     """A language model directory is missing, incomplete or unreadable."""
 
@@ -133,17 +136,34 @@ def build_llm(cfg: LLMConfig, dtype: torch.dtype | None = None) -> FrozenLLM:
     """The LLM ``cfg`` names, in ``dtype`` (default: ``cfg.dtype``).
 
     "smollm2": the packaged SmolLM2-135M-Instruct, converted from GGUF on first use and read from
-    the cache afterwards. "hf": the transformers directory ``cfg.path``; its config.json decides
+    the cache afterwards, with ``<|endoftext|>`` as its BOS (``use_document_start_as_bos``). "hf": the transformers directory ``cfg.path``; its config.json decides
     between a causal and a sequence-to-sequence LM (``is_encoder_decoder``).
     """
     dtype = dtype or getattr(torch, cfg.dtype)
     if cfg.kind == "smollm2":
         path = smollm2_dir()
         remedy = f"the SmolLM2 cache is damaged: delete {path} and run again to rebuild it"
-    else:
-        path = Path(cfg.path).expanduser()
-        remedy = "point llm.path at a transformers model directory (config.json, weights and tokenizer files)"
+        model, tokenizer = load_lm_dir(path, dtype, remedy)
+        return llm_from_hf(model, use_document_start_as_bos(model, tokenizer, SMOLLM2_DOCUMENT_START))
+    path = Path(cfg.path).expanduser()
+    remedy = "point llm.path at a transformers model directory (config.json, weights and tokenizer files)"
     return llm_from_hf(*load_lm_dir(path, dtype, remedy))
+
+
+def use_document_start_as_bos(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, token: str
+) -> PreTrainedTokenizerBase:
+    """Make ``token`` the BOS of tokenizer, model config and generation config (so an export carries it too).
+
+    SmolLM2-Instruct names ``<|im_start|>`` its BOS, but that token opens a chat turn: after it the model
+    expects a role name ("user", "assistant"), not a caption. Plain text in its pre-training started after
+    the document separator ``<|endoftext|>``; with that as BOS, stage 2 learns faster (docs/llm.md).
+    """
+    if token not in tokenizer.get_vocab():
+        raise ValueError(f"{token!r} is not a token of this tokenizer")
+    tokenizer.bos_token = token
+    model.config.bos_token_id = model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return tokenizer
 
 
 def load_lm_dir(

@@ -29,6 +29,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
+from blip2.config import parse_yaml
 from blip2.weights.checkpoint import read_weights, write_atomically
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -143,7 +144,7 @@ def load_training_checkpoint(directory: str | Path) -> TrainingCheckpoint:
         optimizer=read_weights(directory / OPTIMIZER_FILE),
         rng=read_weights(directory / RNG_FILE),
         state=json.loads((directory / STATE_FILE).read_text()),
-        config=yaml.safe_load((directory / CONFIG_FILE).read_text()),
+        config=parse_yaml((directory / CONFIG_FILE).read_text()),
     )
 
 

@@ -4,7 +4,7 @@
 stage: 1                      # 1: Q-Former + frozen encoder (ITC/ITM/ITG); 2: + projection + frozen LLM
 model: {vision: {...}, qformer: {...}, llm: null}   # a Blip2Config (see blip2/config.py)
 init: null                    # stage 2: the stage-1 checkpoint to start from
-data: {captions: [path, ...], vqa: [path, ...], feature_cache: null, augment: true}
+data: {captions: [path, ...], vqa: [path, ...], feature_cache: null, captions_per_image: 1, augment: true}
 train: {steps: 1000, batch_size: 64, lr: 1e-4, out_dir: runs/stage1, ...}   # a TrainConfig
 ```
 """
@@ -22,7 +22,7 @@ import yaml
 from torch.utils.data import ConcatDataset
 
 from blip2.api import build_model
-from blip2.config import Blip2Config, ConfigError, read_yaml_mapping
+from blip2.config import Blip2Config, ConfigError, parse_yaml, read_yaml_mapping
 from blip2.data.datasets import BadImageCounter, open_dataset
 from blip2.data.feature_cache import FeatureCache, encoder_identity
 from blip2.train.distributed import is_main
@@ -42,6 +42,7 @@ class DataConfig:
     vqa: list[str] = field(default_factory=list)  # stage 2 only: question/answer pairs mixed with the captions
     image_root: str | None = None
     feature_cache: str | None = None  # a folder from `blip2 cache-features`: no image decoding, no augmentation
+    captions_per_image: int = 1  # captions of each image per epoch (more weighs captions up against data.vqa)
     augment: bool = True  # BLIP-2's random resized crop (ignored with a feature cache)
     hflip: bool = False  # off by default: flipping breaks "left"/"right" in captions
     max_bad_images: float | int | None = 0.01
@@ -97,7 +98,7 @@ def apply_override(data: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = parse_yaml(value)
 
 
 class MixedDataset(ConcatDataset):
@@ -131,7 +132,7 @@ def build_dataset(recipe: Recipe, model):
     else:
         transform = model.vision.preprocess.eval_transform()
     parts = [open_dataset(p, transform=transform, task="caption", train=True, image_root=data.image_root,
-                          seed=recipe.train.seed) for p in data.captions]
+                          seed=recipe.train.seed, captions_per_image=data.captions_per_image) for p in data.captions]
     parts += [open_dataset(p, transform=transform, task="vqa", image_root=data.image_root) for p in data.vqa]
     return parts[0] if len(parts) == 1 else MixedDataset(parts)
 
@@ -145,11 +146,12 @@ def run_recipe(recipe: Recipe) -> Path:
     else:
         collate, step = Stage2Collate(model.llm, recipe.model.llm.max_text_len, seed=recipe.train.seed), stage2_step
     out_dir = Path(recipe.train.out_dir)
-    if is_main():
+    bad_images = BadImageCounter(recipe.data.max_bad_images)
+    trainer = Trainer(model, step, dataset, recipe.train, collate_fn=collate, batch_hook=bad_images.update)
+    if is_main():  # after the Trainer accepted out_dir (it refuses another run's checkpoints)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    bad_images = BadImageCounter(recipe.data.max_bad_images)
-    result = Trainer(model, step, dataset, recipe.train, collate_fn=collate, batch_hook=bad_images.update).fit()
+    result = trainer.fit()
     if bad_images.bad:
         logger.warning(bad_images.summary())
     final = out_dir / "final"

@@ -70,7 +70,7 @@ from blip2.weights.checkpoint import check_state
 
 log = logging.getLogger("blip2.train")
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 LossFn = Callable[[nn.Module, Any], dict[str, Tensor]]
 
 
@@ -81,8 +81,9 @@ LossFn = Callable[[nn.Module, Any], dict[str, Tensor]]
 class TrainConfig:
     """How to train; saved as YAML in the run folder and in every checkpoint.
 
-    ``batch_size`` is per process; ``precision`` "bf16"/"fp16" autocasts on GPUs (fp16 with a GradScaler) and falls
-    back to fp32 on CPU; ``save_every`` 0 saves only at the end; ``resume`` is None, "auto" (the newest complete
+    ``batch_size`` is per process; ``precision`` "bf16"/"fp16" autocasts on GPUs (fp16 with a GradScaler); on CPU
+    "bf16" autocasts too (1.4-1.8x faster where the CPU has native bf16) and "fp16" falls back to fp32; "auto" is
+    bf16 where the GPU or CPU computes bf16 natively and fp32 elsewhere; ``save_every`` 0 saves only at the end; ``resume`` is None, "auto" (the newest complete
     checkpoint in ``out_dir``, if any) or a checkpoint folder; ``fsdp`` shards the model across torchrun processes.
     """
 
@@ -324,6 +325,24 @@ class LossForward(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def refuse_to_overwrite(cfg: TrainConfig) -> None:
+    """A fresh run (no ``resume``) must not write over the checkpoints of an earlier run in the same ``out_dir``."""
+    if cfg.resume is None and list_checkpoints(cfg.out_dir):
+        raise ConfigError(
+            f"{cfg.out_dir} already holds checkpoints of an earlier run (newest: {list_checkpoints(cfg.out_dir)[-1].name}): "
+            "continue it with resume: auto (--resume auto), or start over in another train.out_dir (or delete this one)"
+        )
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without it bf16 autocast is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: trust oneDNN's own check
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def set_train_mode(module: nn.Module) -> None:
     """``module.train()``, then every sub-tree whose parameters are all frozen back to ``eval()``: a frozen encoder or
     LLM keeps dropout off and its norms on their running statistics."""
@@ -370,6 +389,7 @@ class Trainer:
         batch_hook: Callable[[Any], None] | None = None,
     ):
         self.cfg = cfg
+        refuse_to_overwrite(cfg)
         self.batch_hook = batch_hook  # sees every collated batch in the main process (e.g. to count bad images)
         self.rank, self.world, _, self.device = setup_distributed()
         self.model = model.to(self.device)
@@ -393,9 +413,16 @@ class Trainer:
 
     def _autocast_dtype(self) -> torch.dtype | None:
         precision = self.cfg.precision
+        if precision == "auto":  # bf16 where the hardware computes it natively, else fp32
+            native = torch.cuda.is_bf16_supported() if self.device.type == "cuda" else cpu_has_native_bf16()
+            precision = "bf16" if native else "fp32"
         if precision == "fp32":
             return None
         if self.device.type != "cuda":
+            if precision == "bf16":  # CPU autocast: fast where the CPU has native bf16 (AVX512-BF16, AMX)
+                if not cpu_has_native_bf16():
+                    _info("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 will be slower than fp32", logging.WARNING)
+                return torch.bfloat16
             _info(f"precision {precision} needs a GPU; training in fp32 on {self.device}", logging.WARNING)
             return None
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
