@@ -71,7 +71,7 @@ def recipe(name: str, cfg: DemoConfig, steps: int | None) -> Recipe:
     return Recipe.load(RECIPES / f"shapes_{name}.yaml", overrides)
 
 
-def cache_covers(features_dir: Path, root: Path, sizes: dict[str, int]) -> bool:
+def cache_covers(features_dir: Path, sizes: dict[str, int]) -> bool:
     """Whether a feature cache exists and holds every image of the splits the demo trains and evaluates on."""
     if not (features_dir / "meta.json").is_file():
         return False
@@ -174,7 +174,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     stage1_recipe = recipe("stage1", cfg, cfg.stage1_steps)
     features_dir = root / "features"
-    if not cache_covers(features_dir, root, cfg.sizes):
+    if not cache_covers(features_dir, cfg.sizes):
         encoder_only = build_model(stage1_recipe.model, init_qformer=False)
         cache_features(encoder_only, [str(root / s) for s in ("train", "test", "compositional")], features_dir)
     clock.done("frozen-feature cache")

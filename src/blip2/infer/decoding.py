@@ -135,6 +135,12 @@ def decode_loop(
         logits = feed(token)
 
 
+def cache_name(model: torch.nn.Module) -> str:
+    """What transformers calls the key/value cache, as ``model.forward``'s keyword and as its output's field:
+    "cache" in recent releases, "past_key_values" before (the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 class DecoderRunner:
     """A decoder-only LLM run over one growing sequence (batch 1): each ``feed`` adds positions to its cache.
 
@@ -145,6 +151,7 @@ class DecoderRunner:
     def __init__(self, llm: FrozenLLM):
         self.llm = llm
         self.cache = None  # a transformers Cache after the first feed
+        self._cache_name = cache_name(llm.model)
         self._keep_last = "logits_to_keep" in inspect.signature(llm.model.forward).parameters
 
     @property
@@ -154,8 +161,8 @@ class DecoderRunner:
     def feed(self, embeds: Tensor) -> Tensor:
         """Input embeddings [1, L, H] of the next L positions -> logits [1, V] after the last one."""
         extra = {"logits_to_keep": 1} if self._keep_last else {}
-        out = self.llm.model(inputs_embeds=embeds, past_key_values=self.cache, use_cache=True, **extra)
-        self.cache = out.past_key_values
+        out = self.llm.model(inputs_embeds=embeds, use_cache=True, **{self._cache_name: self.cache}, **extra)
+        self.cache = getattr(out, self._cache_name)
         return out.logits[:, -1]  # [1, V]
 
     def feed_token(self, token: int) -> Tensor:
@@ -181,6 +188,7 @@ class EncoderDecoderRunner:
         self.mask = mask
         self.encoder_outputs = llm.model.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
         self.cache = None
+        self._cache_name = cache_name(llm.model)
 
     def start(self) -> Tensor:
         """Logits [1, V] of the first decoder position (after the decoder start token)."""
@@ -190,9 +198,9 @@ class EncoderDecoderRunner:
         ids = torch.tensor([[token]], device=self.mask.device)  # [1, 1]
         out = self.llm.model(
             encoder_outputs=self.encoder_outputs, attention_mask=self.mask, decoder_input_ids=ids,
-            past_key_values=self.cache, use_cache=True,
+            use_cache=True, **{self._cache_name: self.cache},
         )  # fmt: skip
-        self.cache = out.past_key_values
+        self.cache = getattr(out, self._cache_name)
         return out.logits[:, -1]  # [1, V]
 
 

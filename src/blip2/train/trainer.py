@@ -83,8 +83,9 @@ class TrainConfig:
 
     ``batch_size`` is per process; ``precision`` "bf16"/"fp16" autocasts on GPUs (fp16 with a GradScaler); on CPU
     "bf16" autocasts too (1.4-1.8x faster where the CPU has native bf16) and "fp16" falls back to fp32; "auto" is
-    bf16 where the GPU or CPU computes bf16 natively and fp32 elsewhere; ``save_every`` 0 saves only at the end; ``resume`` is None, "auto" (the newest complete
-    checkpoint in ``out_dir``, if any) or a checkpoint folder; ``fsdp`` shards the model across torchrun processes.
+    bf16 where the GPU or CPU computes bf16 natively and fp32 elsewhere; ``save_every`` 0 saves only at the end;
+    ``resume`` is None, "auto" (the newest complete checkpoint in ``out_dir``, if any) or a checkpoint folder;
+    ``fsdp`` shards the model across torchrun processes.
     """
 
     steps: int
