@@ -16,10 +16,10 @@ from blip2.data.datasets import open_dataset
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.shapes import generate
 from blip2.models.language import build_llm
-from blip2.models.losses import IGNORE
+from blip2.models.losses import IGNORE, prompt_spread
 from blip2.train.features import cache_features
 from blip2.train.recipe import Recipe
-from blip2.train.stages import Stage1Collate, Stage2Collate, stage1_step
+from blip2.train.stages import Stage1Collate, Stage2Collate, stage1_step, stage2_step
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY_QFORMER = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4, embed_dim=16,
@@ -76,6 +76,24 @@ def test_stage2_labels_cover_the_target_text_only(tiny_parts):
     assert tok.decode(answer_labels[:-1]).split() == ["w6"]  # the question ("Question: ... Answer:") is not a target
     assert batch["input_ids"][1, 0] == llm.bos_token_id
     assert batch["attention_mask"][0].sum() == 1 + 3 + 1  # BOS, three words, EOS; then padding
+
+
+def test_stage2_reports_how_much_the_visual_prompt_depends_on_the_image(tmp_path, tiny_parts, shapes_root):
+    vision_dir, llm_dir = tiny_parts("llama")
+    model = build_model(Recipe(**tiny_recipe(tmp_path, vision_dir, llm_dir, 2, shapes_root)).model).eval()
+    items = [{**item, "image": model.vision.preprocess.eval_transform()(item["image"])}
+             for item in (open_dataset(shapes_root / "train")[i] for i in range(4))]
+    out = stage2_step(model, Stage2Collate(model.llm, 32)(items))
+    assert out.keys() == {"loss", "prompt_spread"}
+    assert out["loss"].requires_grad and not out["prompt_spread"].requires_grad  # logged, never minimised
+    prompt = model.soft_prompt(model.image_features(torch.stack([item["image"] for item in items])))  # [4, Q, H]
+    spread = float(out["prompt_spread"])
+    assert spread == pytest.approx(float(prompt_spread(prompt)), rel=1e-5) and spread > 0
+    same_image = prompt[:1].expand_as(prompt)  # every row the same: the prompt no longer depends on the image
+    assert float(prompt_spread(same_image)) == 0.0
+    assert float(prompt_spread(prompt[:1])) == 0.0  # a batch of one: 0, not NaN (the trainer stops on NaN)
+    noise = torch.randn(256, 4, 64)  # rows independent of each other: the spread approaches 1
+    assert float(prompt_spread(noise)) == pytest.approx(1.0, abs=0.02)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))

@@ -156,8 +156,19 @@ class Blip2Model(nn.Module):
         Encoder-decoder: ``input_ids`` is the encoder text and ``decoder_input_ids`` [B, S] the decoder's -> [B, S, V].
         ``features`` (cached frozen-encoder outputs [B, N, D]) may replace ``pixel_values``.
         """
-        llm = self._require_llm()
         prompt = self.soft_prompt(self.image_features(pixel_values) if features is None else features)  # [B, Q, H_llm]
+        return self.text_logits(prompt, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+
+    def text_logits(
+        self,
+        prompt: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``forward`` from an already computed visual prompt [B, Q, H_llm] (``soft_prompt``)."""
+        llm = self._require_llm()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = torch.cat([prompt, llm.embed(input_ids)], dim=1)  # [B, Q + T, H_llm]

@@ -148,21 +148,32 @@ def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor) -> dict[st
     return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg}
 
 
-def stage2_loss(model, features: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """Language-modelling loss on the text only (queries, prompt and padding are ignored); ``features`` [B, N, D].
+def prompt_spread(prompt: Tensor) -> Tensor:
+    """How much the visual prompt [B, Q, H] varies across the batch's images, relative to its size: the std over
+    the batch over the mean norm, averaged over query positions. Near 0, the prompt no longer depends on the
+    image (a collapse the LM loss rewards early in stage 2). A diagnostic: nothing minimises it."""
+    prompt = prompt.detach().float()
+    return prompt.std(dim=0, correction=0).norm(dim=-1).mean() / prompt.norm(dim=-1).mean().clamp_min(1e-12)
+
+
+def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Language modelling on the text only (queries, prompt and padding are ignored), ``features`` [B, N, D]
+    -> {"loss", "prompt_spread"}.
 
     ``batch``: decoder-only: ``input_ids``, ``attention_mask``, ``labels`` [B, T];
     encoder-decoder: also ``decoder_input_ids``, ``decoder_attention_mask``, with ``labels`` [B, S] for the decoder.
     """
-    logits = model(
-        None,
+    prompt = model.soft_prompt(features)  # [B, Q, H_llm]
+    logits = model.text_logits(
+        prompt,
         batch["input_ids"],
         batch["attention_mask"],
         batch.get("decoder_input_ids"),
         batch.get("decoder_attention_mask"),
-        features=features,
     )  # [B, T, V]
     labels = batch["labels"]
     if model.llm.is_encoder_decoder:
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    else:
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return {"loss": loss, "prompt_spread": prompt_spread(prompt)}

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from blip2.data.datasets import collate_skip_bad
-from blip2.models.losses import IGNORE, stage1_losses, stage2_loss
+from blip2.models.losses import IGNORE, stage1_losses, stage2_losses
 
 CAPTION_PROMPT = ""
 VQA_PROMPT = {"decoder-only": "Question: {} Answer:", "encoder-decoder": "Question: {} Short answer:"}
@@ -120,7 +120,7 @@ def _pad_right(rows: list[list[int]], labels: list[list[int]], pad_id: int) -> d
 
 
 def stage2_step(model, batch: dict[str, Any]) -> dict[str, Tensor]:
-    """Language modelling on the target text, with the visual soft prompt in front."""
+    """Language modelling on the target text, with the visual soft prompt in front (+ its spread over the batch)."""
     features = image_features(model, batch["image"])
     tensors = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, Tensor) and k != "image"}
-    return {"loss": stage2_loss(model, features, tensors)}
+    return stage2_losses(model, features, tensors)
