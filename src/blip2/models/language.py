@@ -137,8 +137,8 @@ def build_llm(cfg: LLMConfig, dtype: torch.dtype | None = None) -> FrozenLLM:
 
     "smollm2": the packaged SmolLM2-135M-Instruct, converted from GGUF on first use and read from
     the cache afterwards, with ``<|endoftext|>`` as its BOS (``use_document_start_as_bos``). "hf": the
-    transformers directory ``cfg.path``; its config.json decides
-    between a causal and a sequence-to-sequence LM (``is_encoder_decoder``).
+    transformers directory ``cfg.path``; its config.json decides between a causal and a sequence-to-sequence
+    LM (``is_encoder_decoder``).
     """
     dtype = dtype or getattr(torch, cfg.dtype)
     if cfg.kind == "smollm2":
