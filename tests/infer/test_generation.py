@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from blip2.data.images import ImageError
-from blip2.infer.decoding import GenerationOptions, TextPieces, text_pieces
+from blip2.infer.decoding import GenerationOptions, TextPieces, cache_name, text_pieces
 
 FAMILIES = ("llama", "opt", "t5")
 
@@ -153,3 +153,15 @@ def test_generation_options_validate_themselves():
     for bad in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"num_beams": 0}):
         with pytest.raises(ValueError):
             GenerationOptions(**bad)
+
+
+def test_the_cache_keyword_follows_the_installed_transformers_and_ignores_instance_wrappers():
+    class OldStyle(torch.nn.Module):  # transformers before the rename
+        def forward(self, inputs_embeds=None, past_key_values=None, use_cache=None): ...
+
+    class NewStyle(torch.nn.Module):
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None): ...
+
+    old, new = OldStyle(), NewStyle()
+    new.forward = lambda *args, **kwargs: None  # a wrapped instance (as tests and hooks do) keeps its class's name
+    assert cache_name(old) == "past_key_values" and cache_name(new) == "cache"

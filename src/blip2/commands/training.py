@@ -71,6 +71,6 @@ def demo(retrain: bool = False, data_root: str = "data/shapes", runs: str = "run
     unless --retrain. Longer runs: more --stage1-steps/--stage2-steps and --train-images (see docs/training.md)."""
     config = DemoConfig(data_root=data_root, runs=runs, report=report, stage1_steps=stage1_steps,
                         stage2_steps=stage2_steps, eval_limit=eval_limit, retrain=retrain)
-    if train_images:
+    if train_images is not None:
         config.sizes["train"] = train_images
     run_demo(config)

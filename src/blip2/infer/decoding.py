@@ -135,10 +135,15 @@ def decode_loop(
         logits = feed(token)
 
 
+def forward_accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether the model class's ``forward`` takes keyword ``name`` (the class's: an instance may be wrapped)."""
+    return name in inspect.signature(type(model).forward).parameters
+
+
 def cache_name(model: torch.nn.Module) -> str:
     """What transformers calls the key/value cache, as ``model.forward``'s keyword and as its output's field:
     "cache" in recent releases, "past_key_values" before (the old name goes in 5.40)."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return "cache" if forward_accepts(model, "cache") else "past_key_values"
 
 
 class DecoderRunner:
@@ -152,7 +157,7 @@ class DecoderRunner:
         self.llm = llm
         self.cache = None  # a transformers Cache after the first feed
         self._cache_name = cache_name(llm.model)
-        self._keep_last = "logits_to_keep" in inspect.signature(llm.model.forward).parameters
+        self._keep_last = forward_accepts(llm.model, "logits_to_keep")
 
     @property
     def length(self) -> int:
