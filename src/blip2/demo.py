@@ -3,7 +3,8 @@
 1. generate the shapes world (train / test / compositional splits);
 2. cache the frozen EfficientNet-Lite0 features once;
 3. stage 1 (ITC + ITM + ITG) and stage 2 (soft prompt into SmolLM2-135M-Instruct) from the recipes in ``recipes/``;
-4. evaluate retrieval, VQA and captioning on the test and compositional splits, and the untrained baseline;
+4. evaluate retrieval, VQA and captioning on the test and compositional splits, how much stage 2's captions
+   depend on the image (``eval/grounding.py``), and the untrained baseline;
 5. write a report folder: metrics (JSON + Markdown), training curves, a grid of test images with their captions.
 
 A trained demo model is reused on the next run unless ``retrain``.
@@ -24,6 +25,7 @@ from blip2.api import build_model, load
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.shapes import ShapesConfig, generate, image_id
 from blip2.eval.report import write_report
+from blip2.eval.grounding import evaluate_grounding
 from blip2.eval.tasks import evaluate_captioning, evaluate_retrieval, evaluate_vqa_task
 from blip2.train.features import cache_features
 from blip2.train.plot import plot_run  # also selects matplotlib's file-only backend
@@ -31,6 +33,7 @@ from blip2.train.recipe import Recipe, run_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SPECIFIC_CAPTION = 2  # the shapes world's most specific paraphrase (with sizes and positions): the retrieval query
+GROUNDING_CAPTION = 1  # "a red star on a grainy gray background": colours, shapes and background, what stage 1 learns
 
 
 @dataclass
@@ -98,6 +101,8 @@ def evaluate_model(stage1, stage2, cfg: DemoConfig, features, limit: int) -> dic
     for split in ("test", "compositional"):
         results[f"vqa_{split}"] = evaluate_vqa_task(stage2, root / split, limit=limit, features=features)
         results[f"caption_{split}"] = evaluate_captioning(stage2, root / split, limit=limit, features=features)
+    results["grounding"] = evaluate_grounding(stage2, root / "test", limit=limit, caption_index=GROUNDING_CAPTION,
+                                              features=features)
     return results
 
 
@@ -142,7 +147,7 @@ BARS = {  # the issue's quality bars on the shapes test split
 
 
 def headline(results: dict) -> dict[str, float]:
-    """The numbers the bars are about, from ``evaluate_model``'s results."""
+    """The numbers the bars are about, and whether stage 2 reads the image, from ``evaluate_model``'s results."""
     return {
         "t2i R@1 (ITC)": results["retrieval"]["itc"]["t2i_r1"],
         "t2i R@1 (ITC+ITM)": results["retrieval"]["itc_itm"]["t2i_r1"],
@@ -152,6 +157,8 @@ def headline(results: dict) -> dict[str, float]:
         "CIDEr": results["caption_test"]["metrics"].get("CIDEr", 0.0),
         "CIDEr (compositional)": results["caption_compositional"]["metrics"].get("CIDEr", 0.0),
         "BLEU-4": results["caption_test"]["metrics"].get("Bleu_4", 0.0),
+        "caption loss gap, own vs other image": results["grounding"]["metrics"]["gap"],
+        "visual prompt spread": results["grounding"]["metrics"]["prompt_spread"],
     }
 
 

@@ -17,6 +17,7 @@ from blip2.data.feature_cache import FeatureCache, write_feature_cache
 from blip2.data.shapes import ShapesConfig, generate
 from blip2.eval import tasks
 from blip2.eval.captioning import evaluate_captions
+from blip2.eval.grounding import evaluate_grounding
 from blip2.eval.retrieval import recall_at_k
 from blip2.eval.tasks import (
     evaluate,
@@ -28,6 +29,8 @@ from blip2.eval.tasks import (
     retrieval_scores,
 )
 from blip2.eval.vqa import evaluate_vqa
+from blip2.models.losses import prompt_spread, text_losses
+from blip2.train.stages import Stage2Collate
 from blip2.train.features import cache_features
 
 CHEAP_METRICS = ("Bleu", "ROUGE_L", "CIDEr")  # METEOR starts a JVM with a 60 MB table (~10 s): tested in test_captioning
@@ -328,3 +331,63 @@ def test_bad_arguments_are_refused(make_model, split):
         evaluate_retrieval(model, split, limit=0, progress=False)
     with pytest.raises(RuntimeError, match="stage-1 model"):
         evaluate_vqa_task(model, split, limit=1, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- grounding
+
+
+def test_grounding_scores_each_caption_under_its_own_and_the_previous_images_prompt(make_model, split, tmp_path):
+    model = make_model()
+    results = evaluate("grounding", model, split, out_dir=tmp_path / "out", limit=5, batch_size=3, progress=False)
+    records = records_of(split)[:5]
+    rows = results["predictions"]
+    assert [(r["image_id"], r["text"]) for r in rows] == [(rec.image_id, c) for rec in records for c in rec.captions]
+    assert results["num_images"] == 5 and results["num_texts"] == 25 and results["skipped_images"] == 0
+
+    with torch.no_grad():
+        features = model.image_features(model.pixel_values([r.image for r in records]))  # [5, N, D]
+        prompts = model.soft_prompt(features)  # [5, Q, H]
+    collate = Stage2Collate(model.llm, model.cfg.llm.max_text_len)
+
+    def loss(prompt_row: int, text: str) -> float:
+        batch = collate([{"image": torch.zeros(1), "image_id": "x", "text": text}])
+        with torch.no_grad():
+            summed, tokens = text_losses(model, prompts[prompt_row:prompt_row + 1], batch)
+        return float(summed / tokens)
+
+    # image 3 is first in the second batch (3 images per batch): its "other" is image 2, carried over
+    # image 0 is first in the first batch: its "other" is that batch's last, image 2
+    for image, other in ((0, 2), (1, 0), (3, 2), (4, 3)):
+        row = rows[image * 5 + 1]
+        assert row["loss_own"] == pytest.approx(loss(image, row["text"]), rel=1e-4)
+        assert row["loss_other"] == pytest.approx(loss(other, row["text"]), rel=1e-4)
+
+    metrics = results["metrics"]
+    assert metrics["gap"] == pytest.approx(metrics["loss_other"] - metrics["loss_own"])
+    wins = sum((r["loss_own"] < r["loss_other"]) + 0.5 * (r["loss_own"] == r["loss_other"]) for r in rows)
+    assert metrics["own_better"] == pytest.approx(wins / 25)
+    assert metrics["prompt_spread"] == pytest.approx(float(prompt_spread(prompts)), rel=1e-5) and metrics["prompt_spread"] > 0
+    report = json.loads((tmp_path / "out" / "grounding.json").read_text())
+    assert report["metrics"] == pytest.approx(metrics) and "predictions" not in report
+    assert len(json.loads((tmp_path / "out" / "grounding_predictions.json").read_text())) == 25
+
+    one = evaluate_grounding(model, split, limit=4, caption_index=-1, progress=False)
+    assert [r["text"] for r in one["predictions"]] == [rec.captions[-1] for rec in records[:4]]
+
+
+def test_a_visual_prompt_that_ignores_the_image_has_no_grounding(make_model, split):
+    model = make_model()
+    with torch.no_grad():
+        model.llm_proj.weight.zero_()  # the prompt is the projection's bias, the same for every image
+    metrics = evaluate_grounding(model, split, limit=6, batch_size=4, progress=False)["metrics"]
+    assert metrics["gap"] == 0.0 and metrics["own_better"] == 0.5 and metrics["prompt_spread"] == 0.0
+    assert metrics["loss_own"] > 0
+
+
+def test_grounding_refuses_what_it_cannot_measure(make_model, split):
+    with pytest.raises(RuntimeError, match="stage-1 model"):
+        evaluate_grounding(make_model(stage2=False), split, limit=2, progress=False)
+    with pytest.raises(ValueError, match="needs at least 2 readable images, got 1"):
+        evaluate_grounding(make_model(), split, limit=1, progress=False)
+    with pytest.raises(DatasetFormatError, match="caption_index=9 does not exist"):
+        evaluate_grounding(make_model(), split, limit=2, caption_index=9, progress=False)

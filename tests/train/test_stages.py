@@ -16,7 +16,7 @@ from blip2.data.datasets import open_dataset
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.shapes import generate
 from blip2.models.language import build_llm
-from blip2.models.losses import IGNORE, prompt_spread
+from blip2.models.losses import IGNORE, SpreadMeter, prompt_spread
 from blip2.train.features import cache_features
 from blip2.train.recipe import Recipe
 from blip2.train.stages import Stage1Collate, Stage2Collate, stage1_step, stage2_step
@@ -94,6 +94,10 @@ def test_stage2_reports_how_much_the_visual_prompt_depends_on_the_image(tmp_path
     assert float(prompt_spread(prompt[:1])) == 0.0  # a batch of one: 0, not NaN (the trainer stops on NaN)
     noise = torch.randn(256, 4, 64)  # rows independent of each other: the spread approaches 1
     assert float(prompt_spread(noise)) == pytest.approx(1.0, abs=0.02)
+    meter = SpreadMeter()  # the same number over prompts that arrive batch by batch (blip2 eval grounding)
+    for piece in (noise[:100] + 3.0, noise[100:101] + 3.0, noise[101:] + 3.0):
+        meter.add(piece)
+    assert meter.count == 256 and meter.value() == pytest.approx(float(prompt_spread(noise + 3.0)), rel=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
@@ -146,5 +150,9 @@ def test_two_stages_through_the_cli_learn(tmp_path, tiny_parts):
     done = run_cli("eval", "vqa", str(root / "test"), "--model", str(tmp_path / "run2" / "final"), "--limit", "4",
                    "--features", str(root / "features"), "--out", str(tmp_path / "eval"), cwd=tmp_path)
     assert json.loads((tmp_path / "eval" / "vqa.json").read_text())["num_questions"] == 4, done.stdout
+    run_cli("eval", "grounding", str(root / "test"), "--model", str(tmp_path / "run2" / "final"), "--caption-index", "0",
+            "--features", str(root / "features"), "--out", str(tmp_path / "eval"), cwd=tmp_path)
+    grounding = json.loads((tmp_path / "eval" / "grounding.json").read_text())
+    assert grounding["num_texts"] == 4 and 0 <= grounding["metrics"]["own_better"] <= 1, grounding
     png = run_cli("plot", str(tmp_path / "run1"), cwd=tmp_path).stdout.strip()
     assert Path(png).stat().st_size > 10_000

@@ -10,11 +10,13 @@ from blip2.eval.tasks import evaluate
 from blip2.infer.capfilt import capfilt as run_capfilt
 
 
-def eval_(task: Literal["caption", "vqa", "retrieval"], data: str, model: str = "default", out: str | None = None,
+def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, model: str = "default", out: str | None = None,
          limit: int | None = None, k: int = 128, caption_index: int | None = None, features: str | None = None,
          annotations: str | None = None, batch_size: int = 16) -> None:
     """Evaluate a model on a dataset: caption (BLEU-4, METEOR, ROUGE-L, CIDEr), vqa (VQAv2 accuracy) or
-    retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128).
+    retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128) or
+    grounding (a stage-2 model's caption loss with each image's own visual prompt vs another image's: 0 gap
+    and own_better 0.5 mean the text ignores the image).
 
     DATA is any caption/VQA dataset (COCO/Flickr Karpathy JSON, VQAv2 questions + --annotations, a manifest,
     a shapes split). --features reads cached encoder outputs instead of images. Results go to --out as JSON
@@ -23,6 +25,8 @@ def eval_(task: Literal["caption", "vqa", "retrieval"], data: str, model: str = 
     kw = {"limit": limit, "batch_size": batch_size, "features": features}
     if task == "retrieval":
         kw.update(k=k, caption_index=caption_index)
+    if task == "grounding":
+        kw["caption_index"] = caption_index
     if task == "vqa" and annotations:
         kw["annotations"] = annotations
     results = evaluate(task, load(model), data, out_dir=out, **kw)

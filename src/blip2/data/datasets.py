@@ -65,6 +65,15 @@ class CaptionRecord:
     captions: tuple[str, ...]
     image_id: str
 
+    def captions_at(self, index: int | None) -> tuple[str, ...]:
+        """Every caption (``index`` None) or only caption ``index`` (negative counts from the end)."""
+        if index is None:
+            return self.captions
+        if not -len(self.captions) <= index < len(self.captions):
+            raise DatasetFormatError(f"image {self.image_id!r} has {len(self.captions)} captions, so "
+                                     f"caption_index={index} does not exist; pick a smaller index or None (all)")
+        return (self.captions[index],)
+
 
 @dataclass(frozen=True)
 class VQARecord:

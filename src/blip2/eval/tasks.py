@@ -1,4 +1,5 @@
-"""Dataset-level evaluation: run a model over a caption, VQA or retrieval dataset and score what it produced.
+"""Dataset-level evaluation: run a model over a caption, VQA or retrieval dataset and score what it produced
+(and, for stage-2 models, how much its text depends on the image: ``eval/grounding.py``).
 
 ``evaluate(task, model, data, out_dir)`` is what ``blip2 eval TASK`` runs. Data is any file or folder that
 ``open_dataset`` reads (COCO / Karpathy JSON, VQAv2 questions + annotations, JSONL manifests, a shapes-world
@@ -29,6 +30,7 @@ from blip2.data.datasets import (
     detect_kind,
 )
 from blip2.eval.captioning import evaluate_captions
+from blip2.eval.grounding import evaluate_grounding
 from blip2.eval.report import write_report
 from blip2.eval.retrieval import recall_at_k, rerank_topk
 from blip2.eval.vqa import evaluate_vqa
@@ -327,13 +329,7 @@ def _retrieval_texts(records, caption_index: int | None) -> tuple[list[str], lis
     """(texts, txt2img): every caption of every image, or caption ``caption_index`` of each."""
     texts, txt2img = [], []
     for image, record in enumerate(records):
-        if caption_index is None:
-            chosen = record.captions
-        elif -len(record.captions) <= caption_index < len(record.captions):
-            chosen = (record.captions[caption_index],)
-        else:
-            raise DatasetFormatError(f"image {record.image_id!r} has {len(record.captions)} captions, so "
-                                     f"caption_index={caption_index} does not exist; pick a smaller index or None (all)")
+        chosen = record.captions_at(caption_index)
         texts += chosen
         txt2img += [image] * len(chosen)
     return texts, txt2img
@@ -357,11 +353,12 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "caption": evaluate_captioning,
     "vqa": evaluate_vqa_task,
     "retrieval": evaluate_retrieval,
+    "grounding": evaluate_grounding,
 }
 
 
 def evaluate(task: str, model: "Blip2Model", data: str | Path, out_dir: str | Path | None = None, **kw) -> dict[str, Any]:
-    """Run ``task`` ("caption", "vqa" or "retrieval") on ``data``; ``kw`` go to that task's function.
+    """Run ``task`` ("caption", "vqa", "retrieval" or "grounding") on ``data``; ``kw`` go to that task's function.
 
     With ``out_dir``: ``TASK.json`` and ``TASK.md`` (the report, via ``write_report``) and
     ``TASK_predictions.json`` (the model's outputs) are written there. Returns the results, predictions included.

@@ -148,22 +148,53 @@ def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor) -> dict[st
     return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg}
 
 
+class SpreadMeter:
+    """``prompt_spread`` of prompts that arrive in pieces (batches): the same number as on their concatenation.
+
+    Merges each piece's mean and sum of squared deviations (Chan et al.), so a constant prompt gives exactly 0.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None  # [Q, H] float64
+        self.squares: Tensor | None = None  # [Q, H] float64: sum of squared deviations from the mean
+        self.norm_sum = 0.0  # sum over images and query positions of the prompt's norm
+
+    def add(self, prompt: Tensor) -> None:
+        """``prompt`` [B, Q, H]."""
+        prompt = prompt.detach().double()
+        count, mean = prompt.shape[0], prompt.mean(dim=0)
+        squares = ((prompt - mean) ** 2).sum(dim=0)
+        self.norm_sum += float(prompt.norm(dim=-1).sum())
+        if self.mean is None:
+            self.count, self.mean, self.squares = count, mean, squares
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.squares = self.squares + squares + delta**2 * (self.count * count / total)
+        self.count = total
+
+    def value(self) -> float:
+        if self.mean is None:
+            raise ValueError("no prompt was added")
+        std = (self.squares / self.count).sqrt()  # [Q, H]
+        mean_norm = self.norm_sum / (self.count * self.mean.shape[0])
+        return float(std.norm(dim=-1).mean()) / max(mean_norm, 1e-12)
+
+
 def prompt_spread(prompt: Tensor) -> Tensor:
     """How much the visual prompt [B, Q, H] varies across the batch's images, relative to its size: the std over
     the batch over the mean norm, averaged over query positions. Near 0, the prompt no longer depends on the
     image (a collapse the LM loss rewards early in stage 2). A diagnostic: nothing minimises it."""
-    prompt = prompt.detach().float()
-    return prompt.std(dim=0, correction=0).norm(dim=-1).mean() / prompt.norm(dim=-1).mean().clamp_min(1e-12)
+    meter = SpreadMeter()
+    meter.add(prompt)
+    return torch.tensor(meter.value())
 
 
-def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Language modelling on the text only (queries, prompt and padding are ignored), ``features`` [B, N, D]
-    -> {"loss", "prompt_spread"}.
-
-    ``batch``: decoder-only: ``input_ids``, ``attention_mask``, ``labels`` [B, T];
-    encoder-decoder: also ``decoder_input_ids``, ``decoder_attention_mask``, with ``labels`` [B, S] for the decoder.
-    """
-    prompt = model.soft_prompt(features)  # [B, Q, H_llm]
+def text_losses(model, prompt: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The LM loss of each text after the visual ``prompt`` [B, Q, H_llm], on its target tokens only
+    -> (summed loss [B] float32, target-token count [B]). ``batch`` as for ``stage2_losses``."""
     logits = model.text_logits(
         prompt,
         batch["input_ids"],
@@ -172,8 +203,19 @@ def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str
         batch.get("decoder_attention_mask"),
     )  # [B, T, V]
     labels = batch["labels"]
-    if model.llm.is_encoder_decoder:
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-    else:
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
-    return {"loss": loss, "prompt_spread": prompt_spread(prompt)}
+    if not model.llm.is_encoder_decoder:  # position t predicts token t + 1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    losses = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none")  # [B, T]
+    return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
+
+
+def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Language modelling on the text only (queries, prompt and padding are ignored), ``features`` [B, N, D]
+    -> {"loss", "prompt_spread"}; the loss is the mean over the batch's target tokens.
+
+    ``batch``: decoder-only: ``input_ids``, ``attention_mask``, ``labels`` [B, T];
+    encoder-decoder: also ``decoder_input_ids``, ``decoder_attention_mask``, with ``labels`` [B, S] for the decoder.
+    """
+    prompt = model.soft_prompt(features)  # [B, Q, H_llm]
+    summed, tokens = text_losses(model, prompt, batch)
+    return {"loss": summed.sum() / tokens.sum(), "prompt_spread": prompt_spread(prompt)}
