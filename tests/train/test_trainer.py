@@ -162,6 +162,28 @@ def test_param_groups_keep_decay_off_biases_norms_and_scalars():
         build_param_groups(model, cfg, lambda m: [{"params": m.head.parameters()}])
 
 
+def test_lr_scales_slow_freeze_and_leave_alone_by_name_prefix(tmp_path):
+    model = TinyNet(dropout=0.0)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, out_dir=str(tmp_path / "run"),
+                      lr_scales={"head": 0.5, "head.4": 0.0})  # the longest prefix wins: head.4 frozen
+    trainer = Trainer(model, mean_loss, Regression(), cfg)
+    scales = {trainer._param_names[i]: g["lr_scale"] for g in trainer.optimizer.param_groups
+              for i, p in enumerate(trainer._trainable) if any(p is q for q in g["params"])}
+    assert scales == {"head.0.weight": 0.5, "head.0.bias": 0.5, "head.3.weight": 0.5, "head.3.bias": 0.5, "temp": 1.0}
+    trainer.fit()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, start[name])}
+    assert moved == {"head.0.weight", "head.0.bias", "head.3.weight", "head.3.bias", "temp"}
+    assert not model.head[4].weight.requires_grad  # frozen: saved with the model, never stepped
+    assert "head.4.weight" in load_file(tmp_path / "run" / "checkpoints" / "step-000003" / "model.safetensors")
+
+    with pytest.raises(ConfigError, match=r"prefixes \['haed'\] match no parameter; names start with \['encoder', 'head', 'temp'\]"):
+        Trainer(TinyNet(), mean_loss, Regression(), TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path / "r2"),
+                                                               lr_scales={"haed": 0.1}))
+    with pytest.raises(ConfigError, match="scales >= 0"):
+        TrainConfig(steps=1, batch_size=1, lr_scales={"head": -1.0})
+
+
 def test_epoch_batches_deal_one_seeded_permutation_to_the_ranks():
     ranks = [epoch_batches(10, 2, epoch=0, seed=3, rank=r, world=2) for r in range(2)]
     assert [len(r) for r in ranks] == [2, 2]  # 5 examples each, the partial batch dropped

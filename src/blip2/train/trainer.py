@@ -20,7 +20,8 @@ import math
 import random
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,9 @@ class TrainConfig:
     "bf16" autocasts too (1.4-1.8x faster where the CPU has native bf16) and "fp16" falls back to fp32; "auto" is
     bf16 where the GPU or CPU computes bf16 natively and fp32 elsewhere; ``save_every`` 0 saves only at the end;
     ``resume`` is None, "auto" (the newest complete checkpoint in ``out_dir``, if any) or a checkpoint folder;
-    ``fsdp`` shards the model across torchrun processes.
+    ``fsdp`` shards the model across torchrun processes; ``lr_scales`` maps parameter-name prefixes to multipliers
+    of ``lr`` (the longest matching prefix wins; 0 freezes), e.g. ``{qformer: 0, vision_norm: 0}`` trains only
+    the LLM projection in stage 2 (``scaled_param_groups``).
     """
 
     steps: int
@@ -105,6 +108,7 @@ class TrainConfig:
     out_dir: str = "runs/run"
     resume: str | None = None
     fsdp: bool = False
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "keep_last": 1, "log_every": 1,
@@ -122,6 +126,9 @@ class TrainConfig:
             raise ConfigError(f"train.clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        bad = {prefix: scale for prefix, scale in self.lr_scales.items() if not prefix or scale < 0}
+        if bad:
+            raise ConfigError(f"train.lr_scales maps parameter-name prefixes to scales >= 0 (0 freezes), got {bad}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,8 +139,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown train keys: {unknown} (known: {sorted(known)})")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.default is dataclasses.MISSING and f.name not in data)
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         if missing:
             raise ConfigError(f"train config lacks required keys {missing}")
         return cls(**data)
@@ -189,6 +196,32 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig,
         raise ValueError(f"trainable parameters in no param group: {missing[:8]} ({len(missing)} in all); "
                          "add them to param_groups or set requires_grad=False")
     return built
+
+
+def scaled_param_groups(model: nn.Module, lr_scales: Mapping[str, float]) -> list[dict]:
+    """``TrainConfig.lr_scales`` applied: each trainable parameter takes the scale of the longest prefix of its name
+    (whole dotted parts: "qformer" matches "qformer.layers.0...", not "qformer_x"), 1 if none; a scale of 0 freezes
+    it (``requires_grad=False``, out of the optimizer). Returns param groups for ``build_param_groups``."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [prefix for prefix in lr_scales if not any(_under(name, prefix) for name in names)]
+    if unmatched:
+        tops = sorted({name.split(".")[0] for name in names})
+        raise ConfigError(f"train.lr_scales prefixes {unmatched} match no parameter; names start with {tops}")
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        prefixes = [prefix for prefix in lr_scales if _under(name, prefix)]
+        scale = float(lr_scales[max(prefixes, key=len)]) if prefixes else 1.0
+        if scale == 0:
+            param.requires_grad_(False)
+        else:
+            by_scale.setdefault(scale, []).append(param)
+    return [{"params": params, "lr_scale": scale} for scale, params in by_scale.items()]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -396,6 +429,11 @@ class Trainer:
         self.model = model.to(self.device)
         self.state_fn = state_fn or default_state_fn
         self.autocast_dtype = self._autocast_dtype()
+        if cfg.lr_scales:
+            if param_groups is not None:
+                raise ConfigError("give either train.lr_scales or param_groups, not both")
+            param_groups = partial(scaled_param_groups, lr_scales=cfg.lr_scales)
+            param_groups(self.model)  # freezes the 0-scaled parameters before a DDP/FSDP wrapper registers them
         self.engine: nn.Module = LossForward(self.model, loss_fn)
         self._replicated: list[nn.Parameter] = []  # trainable parameters whose gradients no wrapper averages
         if cfg.fsdp:
