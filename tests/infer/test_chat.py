@@ -30,9 +30,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-@pytest.mark.parametrize("family, seed", [("llama", 0), ("llama", 3), ("opt", 0)])
-def test_cached_turns_equal_recomputed_turns_and_run_only_new_positions(tiny_model, image_files, monkeypatch, family, seed):
-    model = tiny_model(family, seed=seed)
+@pytest.mark.parametrize("family, seed, bos_first", [("llama", 0, False), ("llama", 3, False), ("opt", 0, False),
+                                                     ("opt", 0, True)])
+def test_cached_turns_equal_recomputed_turns_and_run_only_new_positions(tiny_model, image_files, monkeypatch, family,
+                                                                        seed, bos_first):
+    model = tiny_model(family, seed=seed, bos_before_image=bos_first)
     cached, recomputed = model.chat(image_files[0]), model.chat(image_files[0], cache=False)
     lengths = positions_run(model, monkeypatch)
     fed = []  # the generated tokens the session feeds back (all but each reply's last)

@@ -165,3 +165,39 @@ def test_the_cache_keyword_follows_the_installed_transformers_and_ignores_instan
     old, new = OldStyle(), NewStyle()
     new.forward = lambda *args, **kwargs: None  # a wrapped instance (as tests and hooks do) keeps its class's name
     assert cache_name(old) == "past_key_values" and cache_name(new) == "cache"
+
+
+def test_bos_before_image_leads_the_visual_prompt_in_training_and_generation(tiny_model, image_files):
+    """llm.bos_before_image: [BOS ; queries ; BOS ; text] everywhere the LLM reads the visual prompt."""
+    paper, bos_first = tiny_model("opt"), tiny_model("opt", bos_before_image=True)  # same seed: the same weights
+    llm = bos_first.llm
+    with torch.no_grad():
+        features = bos_first.image_features(bos_first.pixel_values(image_files))  # [3, N, D]
+        queries = paper.soft_prompt(features)  # [3, Q, H]
+        prompt = bos_first.soft_prompt(features)  # [3, 1 + Q, H]
+        bos = llm.embed(torch.tensor([llm.bos_token_id]))[0]
+        assert bos_first.num_visual == paper.num_visual + 1 == prompt.shape[1]
+        assert torch.equal(prompt[:, 1:], queries) and all(torch.equal(row, bos) for row in prompt[:, 0])
+
+        ids, mask = llm.tokenize(["a photo of", "w1 w2", "what is on the mat"], 16, add_bos=True)  # [3, T]
+        logits = bos_first.text_logits(prompt, ids, mask)  # [3, T, V]
+        embeds = torch.cat([bos.expand(3, 1, -1), queries, llm.embed(ids)], dim=1)
+        full = torch.cat([torch.ones(3, 1 + queries.shape[1], dtype=mask.dtype), mask], dim=1)
+        direct = llm.model(inputs_embeds=embeds, attention_mask=full).logits[:, -ids.shape[1]:]
+        assert torch.allclose(logits, direct, atol=1e-5)
+
+    captions = bos_first.caption(image_files, max_new_tokens=6)
+    assert captions != paper.caption(image_files, max_new_tokens=6)  # the layout changes what the LLM reads
+    assert "".join(bos_first.stream(image_files[0], None, max_new_tokens=6)) == captions[0]
+
+
+def test_bos_before_image_needs_a_decoder_only_llm_and_is_not_exported(tiny_model, tmp_path):
+    from blip2.config import ConfigError
+    from blip2.weights.keymap import KeyMapError
+
+    with pytest.raises(ConfigError, match="bos_before_image needs a decoder-only LLM with a BOS token; this LLM is "
+                                          "encoder-decoder"):
+        tiny_model("t5", bos_before_image=True)
+    with pytest.raises(KeyMapError, match="transformers' Blip2 puts the visual prompt first"):
+        tiny_model("opt", bos_before_image=True).export_hf(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

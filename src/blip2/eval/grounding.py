@@ -57,7 +57,7 @@ def evaluate_grounding(
     with eval_mode(model):
         for batch in batches(dataset, limit, batch_size, "grounding", progress, counter):
             prompt = model.soft_prompt(batch_features(model, batch, cache is not None))  # [B, Q, H_llm]
-            spread.add(prompt)
+            spread.add(prompt[:, -model.qformer.num_queries:])  # the queries only (not a leading BOS)
             pool = prompt if previous is None else torch.cat([previous, prompt])  # [P, Q, H_llm]
             prompts = {"own": prompt, "other": pool.roll(1, dims=0)[-len(prompt):]}  # row i: the image before i
             previous = prompt[-1:]

@@ -166,7 +166,7 @@ class ChatSession:
             raise ValueError("beam search cannot stream: use num_beams=1, or ask() for a beam-search reply")
         self._close_active()
         text = text.strip()
-        ids = self.format.token_ids(self._messages(text), self.model.qformer.num_queries)
+        ids = self.format.token_ids(self._messages(text), self.model.num_visual)
         self._check_context(len(ids), options)
         self._active = self._turn(text, ids, options, streaming)
         return self._active

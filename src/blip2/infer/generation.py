@@ -83,7 +83,7 @@ def generate(
     llm = model._require_llm()
     images = as_image_list(images)
     prompts = resolve_prompts(prompts, len(images))
-    check_prompt_lengths(llm, model.qformer.num_queries, prompts, options)  # every prompt, before any work
+    check_prompt_lengths(llm, model.num_visual, prompts, options)  # every prompt, before any work
     texts: list[str] = []
     for where in batch_slices(len(images), batch_size):
         features = model.image_features(pixel_batch(model, images, where))  # [b, N, D]
@@ -110,7 +110,7 @@ def prompt_embeddings(
     model: "Blip2Model", features: torch.Tensor, prompts: Sequence[str], options: GenerationOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked prompts -> LLM input embeddings [B, Q + T, H] and mask [B, Q + T], nothing cut."""
-    longest = check_prompt_lengths(model._require_llm(), model.qformer.num_queries, prompts, options)
+    longest = check_prompt_lengths(model._require_llm(), model.num_visual, prompts, options)
     return model.prompt_inputs(features, prompts, max_len=max(longest, 1) + 1)  # + BOS (decoder-only) or EOS (T5)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from blip2.config import Blip2Config
+from blip2.config import Blip2Config, ConfigError
 from blip2.data.images import load_image
 from blip2.infer import embeddings, generation
 from blip2.infer.batching import ImageInput, Images
@@ -55,6 +55,9 @@ class Blip2Model(nn.Module):
         self.temp = nn.Parameter(torch.tensor(0.07))
         self.llm = llm
         self.llm_proj = nn.Linear(hidden, llm.hidden_size) if llm is not None else None
+        if llm is not None and cfg.llm.bos_before_image and (llm.is_encoder_decoder or llm.bos_token_id is None):
+            raise ConfigError("llm.bos_before_image needs a decoder-only LLM with a BOS token; this LLM is "
+                              + ("encoder-decoder" if llm.is_encoder_decoder else "without BOS"))
 
     # ---- freezing -------------------------------------------------------------------------------------
 
@@ -135,11 +138,21 @@ class Blip2Model(nn.Module):
             raise RuntimeError("this is a stage-1 model (no LLM): load a stage-2 model to generate text with an LLM")
         return self.llm
 
+    @property
+    def num_visual(self) -> int:
+        """LLM positions the visual prompt takes: the queries, plus BOS when ``llm.bos_before_image``."""
+        return self.qformer.num_queries + int(self.cfg.llm is not None and self.cfg.llm.bos_before_image)
+
     def soft_prompt(self, features: Tensor) -> Tensor:
-        """Frozen image features [B, N, D] -> the LLM-space visual prompt [B, Q, H_llm]."""
+        """Frozen image features [B, N, D] -> the LLM-space visual prompt [B, V, H_llm] (V = ``num_visual``:
+        the projected queries, led by the BOS embedding when ``llm.bos_before_image``)."""
         llm = self._require_llm()
         queries = self.query_states(features).queries  # [B, Q, H]
-        return self.llm_proj(queries).to(llm.dtype)
+        prompt = self.llm_proj(queries).to(llm.dtype)  # [B, Q, H_llm]
+        if self.num_visual == prompt.shape[1]:
+            return prompt
+        bos = llm.embed(torch.full((len(prompt), 1), llm.bos_token_id, device=prompt.device))  # [B, 1, H_llm]
+        return torch.cat([bos.to(prompt.dtype), prompt], dim=1)
 
     def forward(
         self,

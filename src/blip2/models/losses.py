@@ -218,4 +218,5 @@ def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str
     """
     prompt = model.soft_prompt(features)  # [B, Q, H_llm]
     summed, tokens = text_losses(model, prompt, batch)
-    return {"loss": summed.sum() / tokens.sum(), "prompt_spread": prompt_spread(prompt)}
+    queries = prompt[:, -model.qformer.num_queries:]  # [B, Q, H_llm]: without a leading BOS (llm.bos_before_image)
+    return {"loss": summed.sum() / tokens.sum(), "prompt_spread": prompt_spread(queries)}

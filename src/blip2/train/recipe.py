@@ -110,7 +110,8 @@ class MixedDataset(ConcatDataset):
 
 
 def build_stage_model(recipe: Recipe):
-    """Stage 1: a fresh (BERT-initialised) Q-Former. Stage 2: the stage-1 weights (``init``) + a new LLM projection."""
+    """Stage 1: a fresh (BERT-initialised) Q-Former. Stage 2: the weights of ``init`` + a new LLM projection (or
+    ``init``'s own projection when ``init`` is a stage-2 run, e.g. a projection-only first phase)."""
     if recipe.stage == 1 or recipe.init is None:
         if recipe.stage == 2:
             logger.warning("stage 2 without init: the Q-Former starts from BERT, not from stage-1 representation learning")
@@ -119,7 +120,7 @@ def build_stage_model(recipe: Recipe):
     state = read_weights(Path(recipe.init) / WEIGHTS_NAME)
     expected = {k: v for k, v in model.trainable_state_dict().items() if not k.startswith("llm_proj.")}
     check_state({k: v for k, v in state.items() if not k.startswith("llm_proj.")}, expected, str(recipe.init))
-    model.load_state_dict(state, strict=False)  # every stage-1 key checked above; llm_proj keeps its fresh init
+    model.load_state_dict(state, strict=False)  # every stage-1 key checked above; llm_proj too when init has one
     return model
 
 

@@ -415,6 +415,9 @@ def export_hf(model: "Blip2Model", directory: str | Path) -> Path:
     """
     directory = Path(directory)
     _vision_backbone(model)  # refuse another encoder before any work
+    if model.cfg.llm is not None and model.cfg.llm.bos_before_image:
+        raise KeyMapError("this model reads [BOS ; visual prompt ; BOS ; text] (llm.bos_before_image), but "
+                          "transformers' Blip2 puts the visual prompt first: the export would caption differently")
     retrieval = model.llm is None
     tokenizer = copy.deepcopy(model.tokenizer if retrieval else model.llm.tokenizer)
     image_token_index = None if retrieval else _image_token(tokenizer)
