@@ -25,8 +25,8 @@ from PIL import Image
 from blip2.api import build_model, load
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.shapes import ShapesConfig, generate, image_id
-from blip2.eval.report import write_report
 from blip2.eval.grounding import evaluate_grounding
+from blip2.eval.report import write_report
 from blip2.eval.tasks import evaluate_captioning, evaluate_retrieval, evaluate_vqa_task
 from blip2.train.features import cache_features
 from blip2.train.plot import plot_run  # also selects matplotlib's file-only backend

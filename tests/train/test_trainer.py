@@ -180,8 +180,9 @@ def test_lr_scales_slow_freeze_and_leave_alone_by_name_prefix(tmp_path):
     with pytest.raises(ConfigError, match=r"prefixes \['haed'\] match no parameter; names start with \['encoder', 'head', 'temp'\]"):
         Trainer(TinyNet(), mean_loss, Regression(), TrainConfig(steps=1, batch_size=4, out_dir=str(tmp_path / "r2"),
                                                                lr_scales={"haed": 0.1}))
-    with pytest.raises(ConfigError, match="scales >= 0"):
-        TrainConfig(steps=1, batch_size=1, lr_scales={"head": -1.0})
+    for bad in (-1.0, "fast", None):
+        with pytest.raises(ConfigError, match="scales >= 0"):
+            TrainConfig(steps=1, batch_size=1, lr_scales={"head": bad})
 
 
 def test_epoch_batches_deal_one_seeded_permutation_to_the_ranks():

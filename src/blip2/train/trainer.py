@@ -126,7 +126,8 @@ class TrainConfig:
             raise ConfigError(f"train.clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        bad = {prefix: scale for prefix, scale in self.lr_scales.items() if not prefix or scale < 0}
+        bad = {prefix: scale for prefix, scale in self.lr_scales.items() if not prefix or isinstance(scale, bool)
+               or not isinstance(scale, (int, float)) or scale < 0}
         if bad:
             raise ConfigError(f"train.lr_scales maps parameter-name prefixes to scales >= 0 (0 freezes), got {bad}")
 
