@@ -1,6 +1,7 @@
 """`blip2 demo` end to end on a tiny shapes world with the real offline parts (a few steps, a few images)."""
 
 import json
+import shutil
 
 from blip2.data.feature_cache import FeatureCache
 from blip2.demo import BARS, DemoConfig, run_demo
@@ -24,7 +25,9 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
         assert (report / name).is_file(), name
     trained = metrics["summary"]["trained"]
     assert set(BARS) <= set(trained) and all(trained[name] >= 0.0 for name in BARS)  # CIDEr may pass 1
-    assert trained["visual prompt spread"] > 0 and abs(trained["caption loss gap, own vs other image"]) < 5
+    grounding = metrics["trained"]["grounding"]["metrics"]
+    assert trained["caption loss gap, own vs other image"] == grounding["gap"] == grounding["loss_other"] - grounding["loss_own"]
+    assert trained["visual prompt spread"] == grounding["prompt_spread"] > 0
     assert trained["t2i R@1 ceiling"] > 0
     assert len(metrics["examples"]) == 4 and all(example["caption"] is not None for example in metrics["examples"])
     saved = json.loads((report / "metrics.json").read_text())
@@ -36,6 +39,10 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
     out = capsys.readouterr().out
     assert out.count("reusing") == 3  # stage 1 and both phases of stage 2
     assert (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes() == weights
+
+    shutil.rmtree(tmp_path / "runs" / "stage2_warmup")
+    run_demo(tiny_demo(tmp_path))  # the first phase is trained again, so the second (built on it) is too
+    assert capsys.readouterr().out.count("reusing") == 1  # stage 1 only
 
     run_demo(tiny_demo(tmp_path, train=20, retrain=True))  # more training scenes: re-cached, retrained
     assert "train_000019" in FeatureCache(tmp_path / "shapes" / "features")

@@ -86,14 +86,16 @@ def cache_covers(features_dir: Path, sizes: dict[str, int]) -> bool:
                for index in range(sizes[split]))
 
 
-def train_stage(name: str, cfg: DemoConfig, steps: int | None) -> Path:
+def train_stage(name: str, cfg: DemoConfig, steps: int | None, retrain: bool) -> tuple[Path, bool]:
+    """(the stage's final model, whether it was trained now). ``retrain``: asked for, or an earlier stage it
+    starts from was just trained, so a kept run would build on an older model."""
     run = Path(cfg.runs) / name
-    if (run / "final").is_dir() and not cfg.retrain:
+    if (run / "final").is_dir() and not retrain:
         print(f"[demo] reusing {run / 'final'} (pass --retrain to train again)")
-        return run / "final"
-    if cfg.retrain and run.is_dir():
-        shutil.rmtree(run)  # asked for: a new run replaces the old one
-    return run_recipe(recipe(name, cfg, steps))
+        return run / "final", False
+    if retrain and run.is_dir():
+        shutil.rmtree(run)  # a new run replaces the old one
+    return run_recipe(recipe(name, cfg, steps)), True
 
 
 def evaluate_model(stage1, stage2, cfg: DemoConfig, features, limit: int) -> dict:
@@ -189,10 +191,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         cache_features(encoder_only, [str(root / s) for s in ("train", "test", "compositional")], features_dir)
     clock.done("frozen-feature cache")
 
-    stage1_dir = train_stage("stage1", cfg, cfg.stage1_steps)
+    stage1_dir, trained = train_stage("stage1", cfg, cfg.stage1_steps, cfg.retrain)
     clock.done("stage 1")
     for phase in STAGE2_PHASES:
-        stage2_dir = train_stage(phase, cfg, cfg.stage2_steps)
+        stage2_dir, trained = train_stage(phase, cfg, cfg.stage2_steps, cfg.retrain or trained)
     clock.done("stage 2")
 
     features = FeatureCache(features_dir)

@@ -389,5 +389,7 @@ def test_grounding_refuses_what_it_cannot_measure(make_model, split):
         evaluate_grounding(make_model(stage2=False), split, limit=2, progress=False)
     with pytest.raises(ValueError, match="needs at least 2 readable images, got 1"):
         evaluate_grounding(make_model(), split, limit=1, progress=False)
+    with pytest.raises(ValueError, match="needs batch_size >= 2"):
+        evaluate_grounding(make_model(), split, limit=4, batch_size=1, progress=False)
     with pytest.raises(DatasetFormatError, match="caption_index=9 does not exist"):
         evaluate_grounding(make_model(), split, limit=2, caption_index=9, progress=False)

@@ -31,7 +31,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @pytest.mark.parametrize("family, seed, bos_first", [("llama", 0, False), ("llama", 3, False), ("opt", 0, False),
-                                                     ("opt", 0, True)])
+                                                     ("opt", 0, True), ("llama", 0, True)])
 def test_cached_turns_equal_recomputed_turns_and_run_only_new_positions(tiny_model, image_files, monkeypatch, family,
                                                                         seed, bos_first):
     model = tiny_model(family, seed=seed, bos_before_image=bos_first)
@@ -212,3 +212,20 @@ def test_chat_soft_prompt_is_computed_once(tiny_model, image_files, monkeypatch)
     model.chat(image_files[0], cache=False).ask(QUESTIONS[0], max_new_tokens=4)
     assert encodes == [1]
     assert torch.is_tensor(session._visual) and session._visual.shape == (4, model.llm.hidden_size)
+
+
+def test_bos_before_image_stays_out_of_a_chat_templates_message_and_in_blip2s_own_format(tiny_model, image_files):
+    model = tiny_model("llama", bos_before_image=True)  # has a chat template
+    session = model.chat(image_files[0])
+    with torch.no_grad():
+        prompt = model.soft_prompt(model.image_features(model.pixel_values([image_files[0]])))  # [1, 1 + Q, H]
+    assert torch.equal(session._visual, model.prompt_queries(prompt)[0])  # the queries only: no BOS mid-message
+    four_rows = len(session.format.token_ids(session._messages("what is on the mat"), model.qformer.num_queries))
+    session.ask("what is on the mat", max_new_tokens=4)
+    assert session.last_stats.prompt_tokens == four_rows  # the conversation holds Q visual positions, not 1 + Q
+
+    opt = tiny_model("opt", bos_before_image=True)  # no template: BLIP-2's VQA prompt, the layout stage 2 trains
+    qa = opt.chat(image_files[0])
+    assert qa._visual.shape[0] == opt.num_visual == opt.qformer.num_queries + 1
+    assert qa.ask("what is on the mat", max_new_tokens=6) == opt.answer(image_files[0], "what is on the mat",
+                                                                      max_new_tokens=6)[0]

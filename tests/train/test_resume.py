@@ -138,3 +138,20 @@ def test_resume_refuses_what_does_not_fit(tmp_path):
     message = r"step-000003/model.safetensors does not fit this model: missing keys \['extra'\]"
     with pytest.raises(KeyMapError, match=message):
         Trainer(grown, noisy_loss, Regression(20), cfg).fit()
+
+
+def test_a_resumed_run_with_lr_scales_freezes_the_same_and_takes_the_new_scales(tmp_path):
+    scales = {"head.0": 0.5, "head.4": 0.0}
+    model_a, _ = train(tmp_path / "a", Regression(20), steps=6, save_every=3, lr_scales=scales)
+    frozen = model_a.head[4].weight.detach().clone()
+    model_b, _ = train(tmp_path / "b", Regression(20), steps=3, save_every=3, lr_scales=scales)
+    model_b, _ = train(tmp_path / "b", Regression(20), steps=6, save_every=3, lr_scales=scales, resume="auto")
+    torch.testing.assert_close(trained_weights(model_b), trained_weights(model_a), rtol=0, atol=0)
+    assert torch.equal(model_b.head[4].weight, frozen)  # frozen in both halves: the initial weights throughout
+
+    named = tmp_path / "b" / "checkpoints" / "step-000003"
+    cfg = TrainConfig(**{**RANDOM_RUN, "steps": 6, "out_dir": str(tmp_path / "c"), "resume": str(named),
+                         "lr_scales": {**scales, "head.0": 2.0}})  # the same split, a new scale
+    trainer = Trainer(TinyNet(), noisy_loss, Regression(20), cfg)
+    trainer.fit()
+    assert sorted(g["lr_scale"] for g in trainer.optimizer.param_groups) == [1.0, 2.0, 2.0]  # the new config's

@@ -20,6 +20,7 @@ from blip2.models.losses import IGNORE, SpreadMeter, prompt_spread
 from blip2.train.features import cache_features
 from blip2.train.recipe import Recipe
 from blip2.train.stages import Stage1Collate, Stage2Collate, stage1_step, stage2_step
+from blip2.train.trainer import scaled_param_groups
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY_QFORMER = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4, embed_dim=16,
@@ -105,12 +106,14 @@ def test_every_recipe_parses_and_builds_with_tiny_stand_ins(name, tiny_parts):
     recipe = yaml.safe_load((RECIPES / name).read_text())
     vision_dir, llm_dir = tiny_parts("t5" if "t5" in name else "opt")
     overrides = [f"model.vision={{kind: hf, path: {vision_dir}}}", f"model.qformer={json.dumps(TINY_QFORMER)}"]
-    if recipe["model"].get("llm"):
-        overrides.append(f"model.llm={{kind: hf, path: {llm_dir}}}")
+    if recipe["model"].get("llm"):  # the recipe's own options (bos_before_image) kept
+        overrides.append(f"model.llm={json.dumps({**recipe['model']['llm'], 'kind': 'hf', 'path': str(llm_dir)})}")
     loaded = Recipe.load(RECIPES / name, overrides)
     assert loaded.stage == recipe["stage"] and loaded.train.steps == recipe["train"]["steps"]
     model = build_model(loaded.model)
     assert (model.llm is None) == (loaded.stage == 1)
+    groups = scaled_param_groups(model, loaded.train.lr_scales)  # every lr_scales prefix names real parameters
+    assert {g["lr_scale"] for g in groups} <= {1.0, *map(float, loaded.train.lr_scales.values())}
 
 
 def test_overrides_and_recipes_read_exponent_numbers_as_numbers(tmp_path):

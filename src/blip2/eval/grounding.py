@@ -37,7 +37,8 @@ def evaluate_grounding(
 ) -> dict[str, Any]:
     """Score every caption of the images of ``data`` (the first ``limit``; ``caption_index``: only that caption)
     with the training objective (``text_losses``, loss per target token) under two visual prompts: its own
-    image's, and the previous image's in the data (the first image of each batch takes its batch's last).
+    image's, and the previous image's in the data (the very first image takes its batch's last; ``batch_size``
+    >= 2 so that it is another image).
 
     Returns ``metrics``: ``loss_own`` and ``loss_other`` (token-weighted means), ``gap`` (other - own, nats per
     token), ``own_better`` (share of captions with the lower loss under their own image; ties count half, so 0.5
@@ -45,6 +46,9 @@ def evaluate_grounding(
     images, not per batch); and ``predictions``, both losses of every caption.
     """
     llm = model._require_llm()
+    if batch_size < 2:
+        raise ValueError(f"grounding needs batch_size >= 2 (the first image is compared with its batch's last), "
+                         f"got {batch_size}")
     cache = resolve_features(model, features)
     dataset = open_eval_dataset(model, data, CAPTION, cache, image_root)
     captions = {record.image_id: record.captions_at(caption_index) if record.captions else ()
@@ -57,7 +61,7 @@ def evaluate_grounding(
     with eval_mode(model):
         for batch in batches(dataset, limit, batch_size, "grounding", progress, counter):
             prompt = model.soft_prompt(batch_features(model, batch, cache is not None))  # [B, Q, H_llm]
-            spread.add(prompt[:, -model.qformer.num_queries:])  # the queries only (not a leading BOS)
+            spread.add(model.prompt_queries(prompt))
             pool = prompt if previous is None else torch.cat([previous, prompt])  # [P, Q, H_llm]
             prompts = {"own": prompt, "other": pool.roll(1, dims=0)[-len(prompt):]}  # row i: the image before i
             previous = prompt[-1:]

@@ -143,6 +143,10 @@ class Blip2Model(nn.Module):
         """LLM positions the visual prompt takes: the queries, plus BOS when ``llm.bos_before_image``."""
         return self.qformer.num_queries + int(self.cfg.llm is not None and self.cfg.llm.bos_before_image)
 
+    def prompt_queries(self, prompt: Tensor) -> Tensor:
+        """A visual prompt [B, V, H_llm] (``soft_prompt``) -> its projected queries [B, Q, H_llm], without a leading BOS."""
+        return prompt[:, prompt.shape[1] - self.qformer.num_queries:]
+
     def soft_prompt(self, features: Tensor) -> Tensor:
         """Frozen image features [B, N, D] -> the LLM-space visual prompt [B, V, H_llm] (V = ``num_visual``:
         the projected queries, led by the BOS embedding when ``llm.bos_before_image``)."""

@@ -218,5 +218,4 @@ def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str
     """
     prompt = model.soft_prompt(features)  # [B, Q, H_llm]
     summed, tokens = text_losses(model, prompt, batch)
-    queries = prompt[:, -model.qformer.num_queries:]  # [B, Q, H_llm]: without a leading BOS (llm.bos_before_image)
-    return {"loss": summed.sum() / tokens.sum(), "prompt_spread": prompt_spread(queries)}
+    return {"loss": summed.sum() / tokens.sum(), "prompt_spread": prompt_spread(model.prompt_queries(prompt))}

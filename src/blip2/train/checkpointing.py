@@ -168,6 +168,9 @@ def optimizer_to_files(state_dict: dict[str, Any], names: list[str]) -> tuple[di
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
+CONFIGURED_GROUP_OPTIONS = ("lr_scale", "weight_decay")  # set from TrainConfig, not state the optimizer learned
+
+
 def optimizer_from_files(
     tensors: dict[str, Tensor], meta: dict[str, Any], current: dict[str, Any], names: list[str], where: str
 ) -> dict[str, Any]:
@@ -190,7 +193,8 @@ def optimizer_from_files(
     groups = []
     for saved, now in zip(meta["param_groups"], current["param_groups"]):
         group = {k: tuple(v) if isinstance(now.get(k), tuple) else v for k, v in saved.items()}  # JSON lists -> tuples
-        groups.append({**group, "params": now["params"]})
+        configured = {k: now[k] for k in CONFIGURED_GROUP_OPTIONS if k in now}  # the resumed run's config decides these
+        groups.append({**group, **configured, "params": now["params"]})
     return {"state": state, "param_groups": groups}
 
 
