@@ -1,8 +1,7 @@
 """Multi-turn chat about one image that does not redo work.
 
-A conversation is a list of LLM positions: template text tokens, with the visual-prompt vectors at the place the
-format puts the image (the ``Q`` projected queries; BOS + ``Q`` with ``llm.bos_before_image`` where the format is
-BLIP-2's own, not inside a chat template's message). Each turn the whole conversation is rendered again (through the LLM's chat
+A conversation is a list of LLM positions: template text tokens, with the visual-prompt vectors (``Q``, or BOS +
+``Q`` with ``llm.bos_before_image``: ``Blip2Model.num_visual``) at the place the format puts the image. Each turn the whole conversation is rendered again (through the LLM's chat
 template when it has one) and tokenized, and the session compares that token list with the one its key/value
 cache holds: only the positions after their common prefix run. Normally that is the template glue that closes
 the previous answer, the new user text and the glue that opens the reply; the image is encoded once per session.
@@ -51,11 +50,7 @@ Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content":
 
 
 class TemplateFormat:
-    """The LLM's own chat template; the visual prompt starts the first user message, right before its text.
-    The template opens the conversation itself, so a leading BOS of the visual prompt (``llm.bos_before_image``)
-    is left out: inside a message it would read as the start of a new document."""
-
-    with_bos_row = False
+    """The LLM's own chat template; the visual prompt starts the first user message, right before its text."""
 
     def __init__(self, llm: FrozenLLM):
         self.llm = llm
@@ -77,8 +72,6 @@ class TemplateFormat:
 class QuestionAnswerFormat:
     """No chat template: each turn is BLIP-2's VQA prompt ("Question: {} Answer:", "... Short answer:" for T5)
     followed by the reply; turns are joined by spaces; the visual prompt and BOS come first (EOS last for T5)."""
-
-    with_bos_row = True  # the layout stage 2 trains, a leading BOS of the visual prompt included
 
     def __init__(self, llm: FrozenLLM):
         self.llm = llm
@@ -173,8 +166,7 @@ class ChatSession:
             raise ValueError("beam search cannot stream: use num_beams=1, or ask() for a beam-search reply")
         self._close_active()
         text = text.strip()
-        num_visual = self.model.num_visual if self.format.with_bos_row else self.model.qformer.num_queries
-        ids = self.format.token_ids(self._messages(text), num_visual)
+        ids = self.format.token_ids(self._messages(text), self.model.num_visual)
         self._check_context(len(ids), options)
         self._active = self._turn(text, ids, options, streaming)
         return self._active
@@ -254,8 +246,7 @@ class ChatSession:
     @torch.no_grad()
     def _encode_image(self) -> Tensor:
         pixel_values = self.model.pixel_values([self.image])
-        prompt = self.model.soft_prompt(self.model.image_features(pixel_values))  # [1, V, H_llm]
-        return (prompt if self.format.with_bos_row else self.model.prompt_queries(prompt))[0]  # the rows the format places
+        return self.model.soft_prompt(self.model.image_features(pixel_values))[0]  # [Q, H_llm]
 
     def _embed(self, ids: list[int], visual: Tensor) -> Tensor:
         """A conversation's token list -> input embeddings [1, L, H]; IMAGE_ID positions take the visual rows."""
