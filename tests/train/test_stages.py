@@ -156,6 +156,9 @@ def test_two_stages_through_the_cli_learn(tmp_path, tiny_parts):
     run_cli("eval", "grounding", str(root / "test"), "--model", str(tmp_path / "run2" / "final"), "--caption-index", "0",
             "--features", str(root / "features"), "--out", str(tmp_path / "eval"), cwd=tmp_path)
     grounding = json.loads((tmp_path / "eval" / "grounding.json").read_text())
-    assert grounding["num_texts"] == 4 and 0 <= grounding["metrics"]["own_better"] <= 1, grounding
+    metrics = grounding["metrics"]
+    assert grounding["num_images"] == grounding["num_texts"] == 4 and metrics["gap"] == pytest.approx(
+        metrics["loss_other"] - metrics["loss_own"]) and metrics["loss_own"] > 0, grounding
+    assert metrics["own_better"] * 8 == round(metrics["own_better"] * 8), grounding  # 4 captions, ties count half
     png = run_cli("plot", str(tmp_path / "run1"), cwd=tmp_path).stdout.strip()
     assert Path(png).stat().st_size > 10_000

@@ -60,9 +60,9 @@ def evaluate_grounding(
     tokens, previous = 0, None
     with eval_mode(model):
         for batch in batches(dataset, limit, batch_size, "grounding", progress, counter):
-            prompt = model.soft_prompt(batch_features(model, batch, cache is not None))  # [B, Q, H_llm]
+            prompt = model.soft_prompt(batch_features(model, batch, cache is not None))  # [B, V, H_llm]
             spread.add(model.prompt_queries(prompt))
-            pool = prompt if previous is None else torch.cat([previous, prompt])  # [P, Q, H_llm]
+            pool = prompt if previous is None else torch.cat([previous, prompt])  # [P, V, H_llm]
             prompts = {"own": prompt, "other": pool.roll(1, dims=0)[-len(prompt):]}  # row i: the image before i
             previous = prompt[-1:]
             items = [{"image": torch.tensor(row), "image_id": image_id, "text": text}
