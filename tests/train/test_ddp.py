@@ -5,6 +5,8 @@
   skipped by both.
 - BLIP-2's ITC loss gathers features across ranks WITH gradient: the gradients of two processes holding half the
   batch each equal those of one process holding all of it (LAVIS's gather without gradient does not).
+- The whole stage-1 loss runs across ranks whose texts differ in length, and finds a caption or an image repeated on
+  the other rank: its ITC loss and matches equal one process's on the global batch.
 """
 
 import os
@@ -19,10 +21,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import default_collate
 
+from blip2.api import build_model
+from blip2.config import Blip2Config
 from blip2.models import losses
 from blip2.train.distributed import full_tensor, get_rank, setup_distributed, teardown_distributed
 from blip2.train.trainer import TrainConfig, Trainer
@@ -101,12 +106,16 @@ def rank_main(out: str) -> None:
         save_file(weights, out / f"{name}-rank{rank}.safetensors")
     for gather in GATHERS:
         save_file(itc_gradients(rank, world, gather), out / f"itc-{gather}-rank{rank}.safetensors")
+    save_file(stage1_on_share(out / "vision", rank, world), out / f"stage1-rank{rank}.safetensors")
     teardown_distributed()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two-ranks")
+    vision = transformers.Blip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=16, patch_size=8)
+    transformers.Blip2VisionModel(vision).save_pretrained(out / "vision")
     launch(out)
     return out
 
@@ -217,3 +226,40 @@ def test_itc_with_a_gradient_carrying_gather_matches_one_process_and_lavis_gathe
 
 def test_blip2_itc_gradients_across_two_processes_equal_one_process(two_ranks):
     assert_itc_matches_one_process(two_ranks, "blip2")
+
+
+# ---- the whole stage-1 loss across processes ---------------------------------------------------------------------
+
+STAGE1_TEXTS = ["a red star", "two blue circles on a gray background", "a small green cross at the top", "a red star"]
+STAGE1_IMAGES = torch.tensor([10, 11, 11, 12])  # image keys: rows 1 and 2 show the same image (captions differ)
+
+
+def stage1_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Stage-1 losses on this rank's share of STAGE1_TEXTS and STAGE1_IMAGES (rank 0's texts are shorter than rank
+    1's; text 3 repeats text 0; rows 1 and 2 are one image), with the matches it found, in eval mode (no dropout)."""
+    qformer = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4, embed_dim=16,
+                   cross_attention_freq=1, init_from=None, tokenizer="minilm", max_text_len=24)
+    model = build_model(Blip2Config.from_dict({"vision": {"kind": "hf", "path": str(vision_dir)}, "qformer": qformer}))
+    model.eval()
+    features = torch.randn(len(STAGE1_TEXTS), model.vision.num_tokens(), model.vision.out_dim,
+                           generator=torch.Generator().manual_seed(1))  # [G, N, D]
+    share = len(STAGE1_TEXTS) // world
+    rows = slice(rank * share, (rank + 1) * share)
+    tok = model.tokenizer(STAGE1_TEXTS[rows], padding="longest", return_tensors="pt")
+    found = losses.stage1_losses(model, features[rows], tok.input_ids, tok.attention_mask, STAGE1_IMAGES[rows])
+    sizes = losses.batch_sizes(share, tok.input_ids.device)
+    text_all = losses._gather_padded_text(tok.input_ids, tok.attention_mask, sizes)
+    matches = losses.matching_pairs(tok.input_ids, tok.attention_mask, text_all, STAGE1_IMAGES[rows], sizes)
+    return {**{name: value.detach() for name, value in found.items()}, "matches": matches}
+
+
+def test_stage1_losses_across_ranks_with_texts_of_different_lengths(two_ranks):
+    single = stage1_on_share(two_ranks / "vision", rank=0, world=1)
+    ranks = [load_file(two_ranks / f"stage1-rank{r}.safetensors") for r in range(WORLD)]
+    expected = torch.eye(4, dtype=torch.bool)
+    expected[0, 3] = expected[3, 0] = True  # the repeated caption, found across ranks
+    expected[1, 2] = expected[2, 1] = True  # the same image, across ranks
+    torch.testing.assert_close(single["matches"], expected)
+    torch.testing.assert_close(torch.cat([r["matches"] for r in ranks]), expected)
+    torch.testing.assert_close(sum(r["itc"] for r in ranks) / WORLD, single["itc"])  # each rank: mean of its half
+    assert all(torch.isfinite(r[name]) for r in ranks for name in ("itm", "itg", "loss"))
