@@ -5,8 +5,8 @@
   skipped by both.
 - BLIP-2's ITC loss gathers features across ranks WITH gradient: the gradients of two processes holding half the
   batch each equal those of one process holding all of it (LAVIS's gather without gradient does not).
-- The whole stage-1 loss runs across ranks whose texts differ in length, and finds a caption or an image repeated on
-  the other rank: its ITC loss and matches equal one process's on the global batch.
+- The whole stage-1 loss runs across ranks whose texts differ in length (ITM pairs each rank's texts with
+  gathered ones, padded to the longest rank's); its ITC loss equals one process's on the global batch.
 """
 
 import os
@@ -230,13 +230,12 @@ def test_blip2_itc_gradients_across_two_processes_equal_one_process(two_ranks):
 
 # ---- the whole stage-1 loss across processes ---------------------------------------------------------------------
 
-STAGE1_TEXTS = ["a red star", "two blue circles on a gray background", "a small green cross at the top", "a red star"]
-STAGE1_IMAGES = torch.tensor([10, 11, 11, 12])  # image keys: rows 1 and 2 show the same image (captions differ)
+STAGE1_TEXTS = ["a red star", "two crosses", "two blue circles on a gray background", "a small green cross at the top"]
 
 
 def stage1_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """Stage-1 losses on this rank's share of STAGE1_TEXTS and STAGE1_IMAGES (rank 0's texts are shorter than rank
-    1's; text 3 repeats text 0; rows 1 and 2 are one image), with the matches it found, in eval mode (no dropout)."""
+    """Stage-1 losses on this rank's share of STAGE1_TEXTS (rank 0's texts are shorter than rank 1's), in eval mode
+    (no dropout)."""
     qformer = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4, embed_dim=16,
                    cross_attention_freq=1, init_from=None, tokenizer="minilm", max_text_len=24)
     model = build_model(Blip2Config.from_dict({"vision": {"kind": "hf", "path": str(vision_dir)}, "qformer": qformer}))
@@ -246,20 +245,14 @@ def stage1_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.
     share = len(STAGE1_TEXTS) // world
     rows = slice(rank * share, (rank + 1) * share)
     tok = model.tokenizer(STAGE1_TEXTS[rows], padding="longest", return_tensors="pt")
-    found = losses.stage1_losses(model, features[rows], tok.input_ids, tok.attention_mask, STAGE1_IMAGES[rows])
-    sizes = losses.batch_sizes(share, tok.input_ids.device)
-    text_all = losses._gather_padded_text(tok.input_ids, tok.attention_mask, sizes)
-    matches = losses.matching_pairs(tok.input_ids, tok.attention_mask, text_all, STAGE1_IMAGES[rows], sizes)
-    return {**{name: value.detach() for name, value in found.items()}, "matches": matches}
+    found = losses.stage1_losses(model, features[rows], tok.input_ids, tok.attention_mask)
+    return {**{name: value.detach() for name, value in found.items()},
+            "width": torch.tensor(tok.input_ids.shape[1])}
 
 
 def test_stage1_losses_across_ranks_with_texts_of_different_lengths(two_ranks):
     single = stage1_on_share(two_ranks / "vision", rank=0, world=1)
     ranks = [load_file(two_ranks / f"stage1-rank{r}.safetensors") for r in range(WORLD)]
-    expected = torch.eye(4, dtype=torch.bool)
-    expected[0, 3] = expected[3, 0] = True  # the repeated caption, found across ranks
-    expected[1, 2] = expected[2, 1] = True  # the same image, across ranks
-    torch.testing.assert_close(single["matches"], expected)
-    torch.testing.assert_close(torch.cat([r["matches"] for r in ranks]), expected)
+    assert ranks[0]["width"] < ranks[1]["width"]  # what used to break ITM's concatenation
     torch.testing.assert_close(sum(r["itc"] for r in ranks) / WORLD, single["itc"])  # each rank: mean of its half
     assert all(torch.isfinite(r[name]) for r in ranks for name in ("itm", "itg", "loss"))

@@ -70,40 +70,14 @@ def itc_similarities(image_feats: Tensor, text_feat: Tensor, image_all: Tensor, 
     return sim_i2t, sim_t2i
 
 
-def same_text(ids: Tensor, mask: Tensor, ids_all: Tensor, mask_all: Tensor) -> Tensor:
-    """[B, G] bool: whether local text b and global text g are the same token sequence. ``ids_all`` is as long as
-    ``ids`` or longer (padded across ranks); padding never counts."""
-    pad = ids_all.shape[1] - ids.shape[1]
-    local = F.pad(ids, (0, pad)).masked_fill(F.pad(mask, (0, pad)) == 0, -1)  # [B, T]
-    every = ids_all.masked_fill(mask_all == 0, -1)  # [G, T]
-    return (local[:, None, :] == every[None, :, :]).all(dim=-1)
-
-
-def matching_pairs(ids: Tensor, mask: Tensor, text_all: tuple[Tensor, Tensor], image_keys: Tensor | None,
-                   sizes: list[int]) -> Tensor:
-    """[B, G] bool: local row b and global row g are a match: the same caption, or (given ``image_keys`` [B]) the
-    same image. ``text_all``: the global batch's (ids, mask)."""
-    pairs = same_text(ids, mask, *text_all)
-    if image_keys is not None:
-        keys = image_keys.to(ids.device)
-        pairs |= keys[:, None] == gather_with_grad(keys, sizes)[None, :]
-    return pairs
-
-
-def itc_loss(image_feats: Tensor, text_feat: Tensor, temp: Tensor, sizes: list[int] | None = None,
-             positives: Tensor | None = None):
-    """Image-text contrastive loss over the global batch; returns (loss, sim_i2t, sim_t2i).
-
-    ``positives`` [B, G] (default: each row's own pair only; ``matching_pairs``) marks the pairs that count as
-    matches: they share the target mass instead of being pushed apart as negatives.
-    """
+def itc_loss(image_feats: Tensor, text_feat: Tensor, temp: Tensor, sizes: list[int] | None = None):
+    """Image-text contrastive loss over the global batch; returns (loss, sim_i2t, sim_t2i)."""
     batch = image_feats.shape[0]
     sizes = sizes or batch_sizes(batch, image_feats.device)
     image_all, text_all = gather_with_grad(image_feats, sizes), gather_with_grad(text_feat, sizes)
     sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, image_all, text_all, temp)
-    if positives is None:
-        positives = own_pairs(batch, sim_i2t.shape[1], row_offset(sizes), sim_i2t.device)
-    targets = positives.float() / positives.sum(dim=1, keepdim=True)  # [B, G], rows sum to 1
+    start = row_offset(sizes)
+    targets = torch.arange(start, start + batch, device=image_feats.device)
     loss = (
         F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
         + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)
@@ -111,30 +85,23 @@ def itc_loss(image_feats: Tensor, text_feat: Tensor, temp: Tensor, sizes: list[i
     return loss, sim_i2t, sim_t2i
 
 
-def own_pairs(batch: int, total: int, start: int, device: torch.device) -> Tensor:
-    """[B, G] bool: local row b matches global row ``start`` + b only."""
-    rows = torch.arange(batch, device=device)
-    pairs = torch.zeros(batch, total, dtype=torch.bool, device=device)
-    pairs[rows, start + rows] = True
-    return pairs
-
-
-def sample_hard_negatives(sim: Tensor, positives: Tensor) -> Tensor:
-    """For each local row, one global index sampled from softmax(sim) with the row's ``positives`` [B, G] masked
-    out. [B, G] -> [B]."""
-    weights = sim.detach().float().softmax(dim=1).masked_fill(positives, 0)
-    weights = weights + 1e-12 * (weights.sum(dim=1, keepdim=True) == 0)  # no negative left (a batch of one); stay finite
+def sample_hard_negatives(sim: Tensor, start: int) -> Tensor:
+    """For each local row, one global index sampled from softmax(sim) with its own positive (at ``start`` + row)
+    masked out. [B, G] -> [B]."""
+    weights = sim.detach().float().softmax(dim=1)
+    own = torch.arange(sim.shape[0], device=sim.device)
+    weights[own, start + own] = 0
+    weights = weights + 1e-12 * (weights.sum(dim=1, keepdim=True) == 0)  # a batch of one has no negative; stay finite
     return torch.multinomial(weights, 1).squeeze(1)
 
 
-def itm_loss(model, image_embeds: Tensor, ids: Tensor, mask: Tensor, sim_i2t, sim_t2i, sizes: list[int],
-             text_all: tuple[Tensor, Tensor], positives: Tensor) -> Tensor:
-    """Image-text matching with hard negatives: batch = (pos, pos, neg) images x (pos, neg, pos) texts; a
-    negative is never one of the row's ``positives`` [B, G]. ``text_all``: the global batch's (ids, mask)."""
+def itm_loss(model, image_embeds: Tensor, ids: Tensor, mask: Tensor, sim_i2t, sim_t2i, sizes: list[int]) -> Tensor:
+    """Image-text matching with hard negatives: batch = (pos, pos, neg) images x (pos, neg, pos) texts."""
     image_embeds_all = gather_with_grad(image_embeds, sizes)  # [G, N, D]
-    ids_all, mask_all = text_all
-    neg_image = image_embeds_all[sample_hard_negatives(sim_t2i, positives)]  # one hard negative image per text
-    neg_text = sample_hard_negatives(sim_i2t, positives)  # one hard negative text per image
+    ids_all, mask_all = _gather_padded_text(ids, mask, sizes)
+    start = row_offset(sizes)
+    neg_image = image_embeds_all[sample_hard_negatives(sim_t2i, start)]  # one hard negative image per text
+    neg_text = sample_hard_negatives(sim_i2t, start)  # one hard negative text per image
     width = ids_all.shape[1]  # other ranks' texts may be longer
     ids, mask = F.pad(ids, (0, width - ids.shape[1])), F.pad(mask, (0, width - mask.shape[1]))
     images = torch.cat([image_embeds, image_embeds, neg_image])  # [3B, N, D]
@@ -168,12 +135,8 @@ def itg_loss(model, query_cache, ids: Tensor, mask: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels[scored], label_smoothing=LABEL_SMOOTHING)
 
 
-def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor, image_keys: Tensor | None = None
-                  ) -> dict[str, Tensor]:
-    """ITC + ITM + ITG on frozen image ``features`` [B, N, D] and Q-Former text ``ids``/``mask`` [B, T].
-
-    A pair matches when its caption is identical (``same_text``) or, given ``image_keys`` [B] (one integer per
-    image), when it is the same image under another caption; matches are never contrasted as negatives."""
+def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """ITC + ITM + ITG on frozen image ``features`` [B, N, D] and Q-Former text ``ids``/``mask`` [B, T]."""
     with torch.no_grad():
         model.temp.clamp_(0.001, 0.5)
     image_embeds = model.vision_norm(features)  # [B, N, D]
@@ -181,10 +144,8 @@ def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor, image_keys
     image_feats = model.image_embeds_itc(query_out.queries)  # [B, Q, E]
     text_feat = model.text_embeds_itc(ids, mask)  # [B, E]
     sizes = batch_sizes(ids.shape[0], ids.device)
-    text_all = _gather_padded_text(ids, mask, sizes)  # ([G, T'], [G, T'])
-    positives = matching_pairs(ids, mask, text_all, image_keys, sizes)  # [B, G]
-    itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, model.temp, sizes, positives)
-    itm = itm_loss(model, image_embeds, ids, mask, sim_i2t, sim_t2i, sizes, text_all, positives)
+    itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, model.temp, sizes)
+    itm = itm_loss(model, image_embeds, ids, mask, sim_i2t, sim_t2i, sizes)
     itg = itg_loss(model, query_out.cache, ids, mask)
     return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg}
 

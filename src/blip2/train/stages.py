@@ -6,7 +6,6 @@ frozen features [N, D] (a ``FeatureCache`` as the dataset's transform) — the s
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any
 
@@ -25,14 +24,8 @@ def image_features(model, images: Tensor) -> Tensor:
     return images.to(model.device) if images.dim() == 3 else model.image_features(images.to(model.device))
 
 
-def image_key(image_id: str) -> int:
-    """A stable signed 64-bit integer for an image id (tensors carry it across processes; ids are strings)."""
-    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little", signed=True)
-
-
 class Stage1Collate:
-    """Caption items -> {"image", "input_ids", "attention_mask", "image_key", "bad_images"} with the Q-Former's
-    tokenizer; ``image_key`` [B] tells the losses which rows show the same image."""
+    """Caption items -> {"image", "input_ids", "attention_mask", "bad_images"} with the Q-Former's tokenizer."""
 
     def __init__(self, tokenizer, max_len: int):
         self.tokenizer, self.max_len = tokenizer, max_len
@@ -42,15 +35,13 @@ class Stage1Collate:
         if batch.get("text"):
             tok = self.tokenizer(batch["text"], padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt")
             batch["input_ids"], batch["attention_mask"] = tok.input_ids, tok.attention_mask
-            batch["image_key"] = torch.tensor([image_key(str(i)) for i in batch["image_id"]], dtype=torch.long)
         return batch
 
 
 def stage1_step(model, batch: dict[str, Any]) -> dict[str, Tensor]:
     """ITC + ITM + ITG on one collated batch."""
     features = image_features(model, batch["image"])
-    return stage1_losses(model, features, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
-                         batch.get("image_key"))
+    return stage1_losses(model, features, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
 
 
 def prompt_and_target(item: dict[str, Any], family: str, seed: int = 0) -> tuple[str, str]:
