@@ -32,8 +32,9 @@ from blip2.models import losses
 from blip2.train.distributed import full_tensor, get_rank, setup_distributed, teardown_distributed
 from blip2.train.trainer import TrainConfig, Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))  # the tiny world of test_trainer.py
+sys.path.insert(0, str(Path(__file__).parent))  # the tiny worlds of test_trainer.py and test_stages.py
 from test_trainer import Regression, TinyNet, mean_loss, trained_weights  # noqa: E402
+from test_stages import TINY_QFORMER  # noqa: E402
 
 WORLD = 2
 
@@ -236,9 +237,8 @@ STAGE1_TEXTS = ["a red star", "two crosses", "two blue circles on a gray backgro
 def stage1_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
     """Stage-1 losses on this rank's share of STAGE1_TEXTS (rank 0's texts are shorter than rank 1's), in eval mode
     (no dropout)."""
-    qformer = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4, embed_dim=16,
-                   cross_attention_freq=1, init_from=None, tokenizer="minilm", max_text_len=24)
-    model = build_model(Blip2Config.from_dict({"vision": {"kind": "hf", "path": str(vision_dir)}, "qformer": qformer}))
+    vision = {"kind": "hf", "path": str(vision_dir)}
+    model = build_model(Blip2Config.from_dict({"vision": vision, "qformer": TINY_QFORMER}))
     model.eval()
     features = torch.randn(len(STAGE1_TEXTS), model.vision.num_tokens(), model.vision.out_dim,
                            generator=torch.Generator().manual_seed(1))  # [G, N, D]

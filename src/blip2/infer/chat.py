@@ -1,10 +1,11 @@
 """Multi-turn chat about one image that does not redo work.
 
 A conversation is a list of LLM positions: template text tokens, with the visual-prompt vectors (``Q``, or BOS +
-``Q`` with ``llm.bos_before_image``: ``Blip2Model.num_visual``) at the place the format puts the image. Each turn the whole conversation is rendered again (through the LLM's chat
-template when it has one) and tokenized, and the session compares that token list with the one its key/value
-cache holds: only the positions after their common prefix run. Normally that is the template glue that closes
-the previous answer, the new user text and the glue that opens the reply; the image is encoded once per session.
+``Q`` with ``llm.bos_before_image``: ``Blip2Model.num_visual``) at the place the format puts the image. Each
+turn the whole conversation is rendered again (through the LLM's chat template when it has one) and tokenized,
+and the session compares that token list with the one its key/value cache holds: only the positions after their
+common prefix run. Normally that is the template glue that closes the previous answer, the new user text and the
+glue that opens the reply; the image is encoded once per session.
 
 SmolLM2-Instruct (ChatML), the soft prompt opening the first user message::
 

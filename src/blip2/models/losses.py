@@ -218,6 +218,6 @@ def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str
     ``batch``: decoder-only: ``input_ids``, ``attention_mask``, ``labels`` [B, T];
     encoder-decoder: also ``decoder_input_ids``, ``decoder_attention_mask``, with ``labels`` [B, S] for the decoder.
     """
-    prompt = model.soft_prompt(features)  # [B, Q, H_llm]
+    prompt = model.soft_prompt(features)  # [B, V, H_llm]
     summed, tokens = text_losses(model, prompt, batch)
     return {"loss": summed.sum() / tokens.sum(), "prompt_spread": prompt_spread(model.prompt_queries(prompt))}
