@@ -10,7 +10,8 @@ from blip2.demo import BARS, DemoConfig, run_demo
 def tiny_demo(tmp_path, train: int = 16, **overrides) -> DemoConfig:
     settings = dict(
         data_root=str(tmp_path / "shapes"), runs=str(tmp_path / "runs"), report=str(tmp_path / "report"),
-        sizes={"train": train, "val": 0, "test": 6, "compositional": 4}, stage1_steps=2, stage2_steps=2,
+        sizes={"train": train, "val": 0, "test": 6, "compositional": 4}, stage1_steps=2, retrieval_steps=2,
+        stage2_steps=2,
         eval_limit=2, retrieval_k=2, baseline_limit=2,
     )  # fmt: skip
     settings.update(overrides)
@@ -21,7 +22,7 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
     metrics = run_demo(tiny_demo(tmp_path))
     report = tmp_path / "report"
     for name in ("metrics.json", "metrics.md", "metrics_full.json", "examples.png", "stage1_curves.png",
-                 "stage2_warmup_curves.png", "stage2_curves.png"):
+                 "retrieval_curves.png", "stage2_warmup_curves.png", "stage2_curves.png"):
         assert (report / name).is_file(), name
     trained = metrics["summary"]["trained"]
     assert set(BARS) <= set(trained) and all(trained[name] >= 0.0 for name in BARS)  # CIDEr may pass 1
@@ -35,14 +36,14 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
     weights = (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes()
     capsys.readouterr()
 
-    run_demo(tiny_demo(tmp_path))  # a second run reuses both stages
+    run_demo(tiny_demo(tmp_path))  # a second run reuses every phase
     out = capsys.readouterr().out
-    assert out.count("reusing") == 3  # stage 1 and both phases of stage 2
+    assert out.count("reusing") == 4  # stage 1, its retrieval fine-tune and both phases of stage 2
     assert (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes() == weights
 
     shutil.rmtree(tmp_path / "runs" / "stage2_warmup")
     run_demo(tiny_demo(tmp_path))  # the first phase is trained again, so the second (built on it) is too
-    assert capsys.readouterr().out.count("reusing") == 1  # stage 1 only
+    assert capsys.readouterr().out.count("reusing") == 2  # stage 1 and its retrieval fine-tune
 
     run_demo(tiny_demo(tmp_path, train=20, retrain=True))  # more training scenes: re-cached, retrained
     assert "train_000019" in FeatureCache(tmp_path / "shapes" / "features")

@@ -2,8 +2,9 @@
 
 1. generate the shapes world (train / test / compositional splits);
 2. cache the frozen EfficientNet-Lite0 features once;
-3. stage 1 (ITC + ITM + ITG) and stage 2 (soft prompt into SmolLM2-135M-Instruct: the projection alone, then with
-   the Q-Former) from the recipes in ``recipes/``;
+3. stage 1 (ITC + ITM + ITG), its retrieval fine-tune (the same losses on the captions with sizes and positions)
+   and stage 2 (soft prompt into SmolLM2-135M-Instruct: the projection alone, then with the Q-Former) from the
+   recipes in ``recipes/``, each phase starting from the one before;
 4. evaluate retrieval, VQA and captioning on the test and compositional splits, how much stage 2's captions
    depend on the image (``eval/grounding.py``), and the untrained baseline;
 5. write a report folder: metrics (JSON + Markdown), training curves, a grid of test images with their captions.
@@ -34,7 +35,10 @@ from blip2.train.recipe import Recipe, run_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SPECIFIC_CAPTION = 2  # the shapes world's most specific paraphrase (with sizes and positions): the retrieval query
-STAGE2_PHASES = ("stage2_warmup", "stage2")  # projection only, then the whole Q-Former (recipes/shapes_stage2*.yaml)
+# the training phases in order, each started from the one before (recipes/shapes_<phase>.yaml): stage 1, its retrieval
+# fine-tune, then stage 2 with the projection alone and with the whole Q-Former
+PHASES = ("stage1", "retrieval", "stage2_warmup", "stage2")
+STAGE2_PHASES = PHASES[2:]
 GROUNDING_CAPTION = 1  # "a red star on a grainy gray background": colours, shapes and background, what stage 1 learns
 
 
@@ -45,6 +49,7 @@ class DemoConfig:
     report: str = "reports/demo"
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 1000, "val": 50, "test": 1000, "compositional": 200})
     stage1_steps: int | None = None  # None: the recipe's
+    retrieval_steps: int | None = None
     stage2_steps: int | None = None  # each of stage 2's two phases
     eval_limit: int = 60  # questions / captions generated per split (generation is the slow part on CPU)
     retrieval_k: int = 4  # ITM re-rank depth (the paper's 128 costs 128 Q-Former passes per query)
@@ -69,9 +74,10 @@ class Clock:
 def recipe(name: str, cfg: DemoConfig, steps: int | None) -> Recipe:
     overrides = [f"data.captions=[{cfg.data_root}/train]", f"data.feature_cache={cfg.data_root}/features",
                  f"train.out_dir={cfg.runs}/{name}", "train.resume=auto"]  # an interrupted demo continues
+    if PHASES.index(name) > 0:
+        overrides.append(f"init={cfg.runs}/{PHASES[PHASES.index(name) - 1]}/final")
     if name in STAGE2_PHASES:
-        previous = "stage1" if name == STAGE2_PHASES[0] else STAGE2_PHASES[0]
-        overrides += [f"data.vqa=[{cfg.data_root}/train]", f"init={cfg.runs}/{previous}/final"]
+        overrides.append(f"data.vqa=[{cfg.data_root}/train]")
     if steps:
         overrides.append(f"train.steps={steps}")
     return Recipe.load(RECIPES / f"shapes_{name}.yaml", overrides)
@@ -191,11 +197,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         cache_features(encoder_only, [str(root / s) for s in ("train", "test", "compositional")], features_dir)
     clock.done("frozen-feature cache")
 
-    stage1_dir, trained = train_stage("stage1", cfg, cfg.stage1_steps, cfg.retrain)
-    clock.done("stage 1")
-    for phase in STAGE2_PHASES:
-        stage2_dir, trained = train_stage(phase, cfg, cfg.stage2_steps, cfg.retrain or trained)
-    clock.done("stage 2")
+    steps = {"stage1": cfg.stage1_steps, "retrieval": cfg.retrieval_steps}
+    finals, trained = {}, False
+    for phase in PHASES:
+        finals[phase], trained = train_stage(phase, cfg, steps.get(phase, cfg.stage2_steps), cfg.retrain or trained)
+        clock.done(phase)
+    stage1_dir, stage2_dir = finals["retrieval"], finals["stage2"]
 
     features = FeatureCache(features_dir)
     trained = evaluate_model(load(stage1_dir), load(stage2_dir), cfg, features, cfg.eval_limit)
@@ -213,7 +220,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     metrics = {"summary": summary, "trained": trained, "untrained": baseline, "examples": examples, "seconds": clock.phases,
                "total_minutes": round((time.perf_counter() - clock.start) / 60, 2)}
     write_report({"summary": summary, "seconds": clock.phases, "total_minutes": metrics["total_minutes"]}, report, "metrics")
-    for stage in ("stage1", *STAGE2_PHASES):
+    for stage in PHASES:
         if (Path(cfg.runs) / stage / "metrics.jsonl").is_file():
             plot_run(Path(cfg.runs) / stage, report / f"{stage}_curves.png")
     (report / "metrics_full.json").write_text(json.dumps(metrics, indent=2, default=str))

@@ -114,6 +114,19 @@ def test_several_distinct_captions_per_image_per_epoch(tmp_path, images):
         open_dataset(manifest, train=True, captions_per_image=0)
 
 
+def test_caption_index_keeps_one_caption_of_every_image(tmp_path, images, shards):
+    rows = [{"image": "img/red.png", "captions": ["red", "a red thing at the top"]},
+            {"image": "img/green.png", "captions": ["green", "a green thing on the left", "green again"]}]
+    manifest = _write_jsonl(tmp_path / "m.jsonl", rows)
+    dataset = open_dataset(manifest, transform=to_tensor, train=True, captions_per_image=2, caption_index=1)
+    assert [dataset[i]["text"] for i in range(len(dataset))] == ["a red thing at the top"] * 2 + ["a green thing on the left"] * 2
+    assert [open_dataset(manifest, caption_index=-1)[i]["text"] for i in range(2)] == ["a red thing at the top", "green again"]
+    with pytest.raises(DatasetFormatError, match="caption_index=2 does not exist"):
+        open_dataset(manifest, train=True, caption_index=2)
+    with pytest.raises(ValueError, match="leave caption_index unset"):
+        open_dataset(str(shards / "shards-{000000..000003}.tar"), train=True, caption_index=0)
+
+
 def test_manifest_lines_naming_the_same_image_are_merged(tmp_path, images):
     manifest = _write_jsonl(
         tmp_path / "m.jsonl", [{"image": "img/red.png", "caption": "one"}, {"image": "img/red.png", "caption": "two"}]

@@ -134,7 +134,8 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_stages_through_the_cli_learn(tmp_path, tiny_parts):
-    """shapes -> cache-features -> train stage 1 -> train stage 2 -> eval, as a user runs them; the losses fall."""
+    """shapes -> cache-features -> train stage 1 (and fine-tune it) -> train stage 2 -> eval, as a user runs them; the
+    losses fall."""
     vision_dir, llm_dir = tiny_parts("opt")
     root = tmp_path / "shapes"
     run_cli("shapes", "--out", str(root), "--train", "16", "--val", "0", "--test", "4", "--compositional", "0", cwd=tmp_path)
@@ -150,6 +151,11 @@ def test_two_stages_through_the_cli_learn(tmp_path, tiny_parts):
     first, last = records[0]["losses"], records[-1]["losses"]
     assert last["loss"] < 0.95 * first["loss"], (first, last)  # stage 1 measurably learns (16 images, 40 steps)
     assert last["itc"] < first["itc"] and last["itg"] < first["itg"], (first, last)
+    # a stage-1 fine-tune on one caption form starts from run1's Q-Former, not from a fresh one
+    run_cli("train", str(tmp_path / "stage1.yaml"), "--set", f"init={tmp_path / 'run1' / 'final'}",
+            "data.caption_index=2", "train.steps=2", f"train.out_dir={tmp_path / 'run1-retrieval'}", cwd=tmp_path)
+    tuned = json.loads((tmp_path / "run1-retrieval" / "metrics.jsonl").read_text().splitlines()[0])["losses"]
+    assert tuned["loss"] < 0.95 * first["loss"], (first, tuned)
     done = run_cli("eval", "vqa", str(root / "test"), "--model", str(tmp_path / "run2" / "final"), "--limit", "4",
                    "--features", str(root / "features"), "--out", str(tmp_path / "eval"), cwd=tmp_path)
     assert json.loads((tmp_path / "eval" / "vqa.json").read_text())["num_questions"] == 4, done.stdout

@@ -30,7 +30,7 @@ import tarfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -651,6 +651,7 @@ def open_dataset(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     captions_per_image: int = 1,
+    caption_index: int | None = None,
 ) -> CaptionDataset | VQADataset | ShardDataset:
     """Open any supported dataset for ``task`` ("caption" or "vqa").
 
@@ -658,15 +659,21 @@ def open_dataset(
     tensor (None keeps PIL images); ``image_root`` is where relative image paths start (default:
     the file's folder); ``annotations`` is the VQAv2 annotations file for a VQAv2 questions file;
     ``captions_per_image`` is how many of an image's captions a training epoch uses (``CaptionDataset``;
-    WebDataset samples hold one caption each). Use the result with ``collate_skip_bad`` and a ``BadImageCounter``.
+    WebDataset samples hold one caption each); ``caption_index`` keeps only that caption of every image (e.g. the
+    paraphrase form retrieval is asked in). Use the result with ``collate_skip_bad`` and a ``BadImageCounter``.
     """
     _check_task(task)
     spec = _resolve_folder(path_or_spec, task)
     kind = kind or detect_kind(spec)
+    if caption_index is not None and (task != CAPTION or kind == "webdataset"):
+        raise ValueError(f"caption_index picks one of several captions per image: a {kind} {task} dataset has none "
+                         "to pick from; leave caption_index unset")
     if kind == "webdataset":
         return ShardDataset(expand_shards(spec), transform, task, train=train, seed=seed, shuffle_buffer=shuffle_buffer)
     records = read_records(spec, kind, task, image_root=image_root, annotations=annotations)
     if task == CAPTION:
+        if caption_index is not None:
+            records = [replace(r, captions=r.captions_at(caption_index)) for r in records]
         return CaptionDataset(records, transform, train=train, seed=seed, captions_per_image=captions_per_image)
     return VQADataset(records, transform)
 

@@ -3,8 +3,9 @@
 ```yaml
 stage: 1                      # 1: Q-Former + frozen encoder (ITC/ITM/ITG); 2: + projection + frozen LLM
 model: {vision: {...}, qformer: {...}, llm: null}   # a Blip2Config (see blip2/config.py)
-init: null                    # stage 2: the stage-1 checkpoint to start from
-data: {captions: [path, ...], vqa: [path, ...], feature_cache: null, captions_per_image: 1, augment: true}
+init: null                    # stage 2: the stage-1 checkpoint to start from; stage 1: a stage-1 run to train on
+data: {captions: [path, ...], vqa: [path, ...], feature_cache: null, captions_per_image: 1, caption_index: null,
+       augment: true}
 train: {steps: 1000, batch_size: 64, lr: 1e-4, out_dir: runs/stage1, ...}   # a TrainConfig
 ```
 """
@@ -43,6 +44,7 @@ class DataConfig:
     image_root: str | None = None
     feature_cache: str | None = None  # a folder from `blip2 cache-features`: no image decoding, no augmentation
     captions_per_image: int = 1  # captions of each image per epoch (more weighs captions up against data.vqa)
+    caption_index: int | None = None  # train on only this caption of every image (e.g. the form retrieval asks in)
     augment: bool = True  # BLIP-2's random resized crop (ignored with a feature cache)
     hflip: bool = False  # off by default: flipping breaks "left"/"right" in captions
     max_bad_images: float | int | None = 0.01
@@ -110,9 +112,10 @@ class MixedDataset(ConcatDataset):
 
 
 def build_stage_model(recipe: Recipe):
-    """Stage 1: a fresh (BERT-initialised) Q-Former. Stage 2: the weights of ``init`` + a new LLM projection (or
-    ``init``'s own projection when ``init`` is a stage-2 run, e.g. a projection-only first phase)."""
-    if recipe.stage == 1 or recipe.init is None:
+    """Without ``init``: a fresh (BERT-initialised) Q-Former. With it: the Q-Former of ``init`` (a stage-1 run to
+    train on, e.g. a retrieval fine-tune); in stage 2 plus a new LLM projection, or ``init``'s own projection when
+    ``init`` is a stage-2 run (e.g. a projection-only first phase)."""
+    if recipe.init is None:
         if recipe.stage == 2:
             logger.warning("stage 2 without init: the Q-Former starts from BERT, not from stage-1 representation learning")
         return build_model(recipe.model)
@@ -133,7 +136,8 @@ def build_dataset(recipe: Recipe, model):
     else:
         transform = model.vision.preprocess.eval_transform()
     parts = [open_dataset(p, transform=transform, task="caption", train=True, image_root=data.image_root,
-                          seed=recipe.train.seed, captions_per_image=data.captions_per_image) for p in data.captions]
+                          seed=recipe.train.seed, captions_per_image=data.captions_per_image,
+                          caption_index=data.caption_index) for p in data.captions]
     parts += [open_dataset(p, transform=transform, task="vqa", image_root=data.image_root) for p in data.vqa]
     return parts[0] if len(parts) == 1 else MixedDataset(parts)
 
