@@ -74,8 +74,9 @@ class Clock:
 def recipe(name: str, cfg: DemoConfig, steps: int | None) -> Recipe:
     overrides = [f"data.captions=[{cfg.data_root}/train]", f"data.feature_cache={cfg.data_root}/features",
                  f"train.out_dir={cfg.runs}/{name}", "train.resume=auto"]  # an interrupted demo continues
-    if PHASES.index(name) > 0:
-        overrides.append(f"init={cfg.runs}/{PHASES[PHASES.index(name) - 1]}/final")
+    position = PHASES.index(name)
+    if position > 0:
+        overrides.append(f"init={cfg.runs}/{PHASES[position - 1]}/final")
     if name in STAGE2_PHASES:
         overrides.append(f"data.vqa=[{cfg.data_root}/train]")
     if steps:
