@@ -65,8 +65,7 @@ def plot(run: str, out: str | None = None) -> None:
 
 def demo(retrain: bool = False, data_root: str = "data/shapes", runs: str = "runs/demo", report: str = "reports/demo",
          stage1_steps: int | None = None, retrieval_steps: int | None = None, stage2_steps: int | None = None,
-         eval_limit: int = 60,
-         train_images: int | None = None) -> None:
+         eval_limit: int = 60, train_images: int | None = None) -> None:
     """The main job: generate the shapes world, train stage 1 (then fine-tune it for retrieval) and stage 2 from
     the offline parts, evaluate, and write a report (metrics, training curves, captioned test images). A trained
     demo model is reused unless --retrain. Longer runs: more --stage1-steps/--retrieval-steps/--stage2-steps (each
