@@ -98,6 +98,9 @@ class LLMConfig:
     (decoder-only LLMs): the LLM reads ``[BOS ; visual prompt ; BOS ; text]`` instead of the paper's
     ``[visual prompt ; BOS ; text]``, so position 0 holds the token the LLM always saw there in pre-training
     (SmolLM2-135M learns stage 2 several times faster this way: docs/training.md). Not exportable to transformers.
+    ``prompt_to_qformer``: the Q-Former also reads the text prompt (a question), its tokens interacting with the
+    queries in self-attention, as BLIP-2 fine-tunes for VQA (paper section 4.3) and InstructBLIP does; the visual
+    prompt then depends on the question. Not exportable to transformers' Blip2 layout.
     """
 
     kind: str = "smollm2"
@@ -105,6 +108,7 @@ class LLMConfig:
     max_text_len: int = 64
     dtype: str = "float32"
     bos_before_image: bool = False
+    prompt_to_qformer: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in LLM_KINDS:

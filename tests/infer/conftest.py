@@ -79,10 +79,12 @@ def qformer_tokenizer():
 
 @pytest.fixture
 def tiny_model(randomize):
-    """Factory: ``tiny_model(family="llama" | "opt" | "t5" | None, seed=0, bos_before_image=False)`` -> an eval-mode
-    Blip2Model whose every part is random (None: a stage-1 model without an LLM)."""
+    """Factory: ``tiny_model(family="llama" | "opt" | "t5" | None, seed=0, bos_before_image=False,
+    prompt_to_qformer=False)`` -> an eval-mode Blip2Model whose every part is random (None: a stage-1 model)."""
 
-    def make(family: str | None = "llama", seed: int = 0, bos_before_image: bool = False) -> Blip2Model:
+    def make(
+        family: str | None = "llama", seed: int = 0, bos_before_image: bool = False, prompt_to_qformer: bool = False
+    ) -> Blip2Model:
         torch.manual_seed(seed)
         vision = randomize(transformers.Blip2VisionModel(transformers.Blip2VisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
@@ -97,7 +99,8 @@ def tiny_model(randomize):
                 hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=64,
                 num_query_tokens=NUM_QUERIES, embed_dim=16, encoder_width=32, cross_attention_freq=1, init_from=None,
             ),  # fmt: skip
-            llm=LLMConfig(kind="hf", path="in-memory", bos_before_image=bos_before_image) if family else None,
+            llm=LLMConfig(kind="hf", path="in-memory", bos_before_image=bos_before_image,
+                          prompt_to_qformer=prompt_to_qformer) if family else None,
         )
         model = Blip2Model(cfg, image_encoder_from_hf(vision), qformer_tokenizer(), llm)
         trainable = [model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head, model.llm_proj]

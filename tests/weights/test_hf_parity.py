@@ -86,6 +86,60 @@ def test_llm_logits_match_transformers(tiny_blip2, pixels, text, num_layers, fre
     assert not torch.allclose(ours, other_image, atol=1e-3)  # the visual prompt does reach the LLM
 
 
+def instructblip_from(model: Blip2Model, hf_model) -> transformers.InstructBlipForConditionalGeneration:
+    """transformers' InstructBLIP of ``hf_model``'s shape holding ``model``'s weights, through the production key map
+    (InstructBLIP keeps the Q-Former's text embeddings and their LayerNorm under ``qformer.embeddings``)."""
+    config = hf_model.config
+    qformer = {**config.qformer_config.to_dict(), "vocab_size": model.cfg.qformer.vocab_size}
+    instruct = transformers.InstructBlipForConditionalGeneration(transformers.InstructBlipConfig(
+        vision_config=config.vision_config.to_dict(), qformer_config=qformer, text_config=config.text_config.to_dict(),
+        num_query_tokens=config.num_query_tokens, image_token_index=config.image_token_id,
+    )).eval()  # fmt: skip
+    ours = model.state_dict()
+    table = hf_key_map(model.cfg.qformer, retrieval=False, text_ffn=True) | {
+        "embeddings.word_embeddings.weight": "qformer.word_embeddings.weight",
+        "embeddings.position_embeddings.weight": "qformer.position_embeddings.weight",
+    }
+    renamed = {"qformer.embeddings.layernorm": "qformer.layernorm", "qformer.embeddings.word": "embeddings.word",
+               "qformer.embeddings.position_embeddings": "embeddings.position_embeddings"}
+    state = {}
+    for key in instruct.state_dict():
+        name = next((key.replace(a, b, 1) for a, b in renamed.items() if key.startswith(a)), key)
+        if name in table:
+            state[key] = ours[table[name]]
+        elif name.startswith(("vision_model.", "language_model.")):
+            state[key] = hf_model.state_dict()[name]
+    missing, unexpected = instruct.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in key for key in missing), missing
+    return instruct
+
+
+@pytest.mark.parametrize("text", ["opt", "t5"])
+def test_a_qformer_reading_the_prompt_matches_transformers_instructblip(tiny_blip2, randomize, pixels, text):
+    """``llm.prompt_to_qformer`` (BLIP-2's VQA fine-tuning) computes what InstructBLIP does with the same weights."""
+    directory, hf_model = tiny_blip2(text)
+    model = load_hf(directory)
+    model.cfg.llm.prompt_to_qformer = True
+    for layer in model.qformer.layers:  # the loader copied the query FFN: make the text side its own
+        randomize(layer.text_ffn, 5)
+    randomize(model.qformer.word_embeddings, 6)
+    randomize(model.qformer.position_embeddings, 7)
+    instruct = instructblip_from(model, hf_model)
+    prompts = ["what color is the cat?", "is it on the mat?"]
+    qformer_ids, qformer_mask = model.tokenize_text(prompts)  # the second row is padded
+    decoder_ids = DECODER_IDS if text == "t5" else None
+    ids, mask = text_batch(decoder_only=text != "t5")
+    full_ids, full_mask = with_image_tokens(hf_model, ids, mask)
+    with torch.no_grad():
+        ours = model(pixels(), ids, mask, decoder_input_ids=decoder_ids, prompts=prompts)
+        reference = instruct(pixel_values=pixels(), qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,
+                             input_ids=full_ids, attention_mask=full_mask, decoder_input_ids=decoder_ids).logits
+        swapped = model(pixels(), ids, mask, decoder_input_ids=decoder_ids, prompts=prompts[::-1])
+    reference = reference if decoder_ids is not None else reference[:, hf_model.config.num_query_tokens :]
+    torch.testing.assert_close(ours, reference)
+    assert not torch.allclose(ours, swapped, atol=1e-3)  # the prompt does reach the LLM through the queries
+
+
 @pytest.mark.parametrize("text, seed", [("opt", 2), ("llama", 0), ("t5", 2)])  # seeds whose two generations differ
 def test_greedy_generations_match_transformers(tiny_blip2, pixels, text, seed):
     directory, hf_model = tiny_blip2(text, seed=seed)

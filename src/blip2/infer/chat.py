@@ -5,7 +5,9 @@ A conversation is a list of LLM positions: template text tokens, with the visual
 turn the whole conversation is rendered again (through the LLM's chat template when it has one) and tokenized,
 and the session compares that token list with the one its key/value cache holds: only the positions after their
 common prefix run. Normally that is the template glue that closes the previous answer, the new user text and the
-glue that opens the reply; the image is encoded once per session.
+glue that opens the reply; the image is encoded once per session. A model with ``llm.prompt_to_qformer`` is
+encoded with no text, as for captions: letting the Q-Former read each turn's question would change the visual
+prompt, and with it every cached position, on every turn.
 
 SmolLM2-Instruct (ChatML), the soft prompt opening the first user message::
 

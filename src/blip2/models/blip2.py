@@ -118,10 +118,13 @@ class Blip2Model(nn.Module):
         return F.normalize(self.text_proj(text[:, 0]), dim=-1)
 
     def itm_logits(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Queries and text see each other; the 2-way head on every query output, averaged: [B, 2]."""
+        """The 2-way head on every joint query output, averaged: [B, 2]."""
+        return self.itm_head(self.joint_queries(features, input_ids, attention_mask)).mean(dim=1)
+
+    def joint_queries(self, features: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Queries and text [B, T] see each other in self-attention (ITM's mode): query outputs [B, Q, H]."""
         image_embeds = self.vision_norm(features.to(self.vision_norm.weight.dtype))
-        out = self.qformer(image_embeds, input_ids, attention_mask, mode="bidirectional")
-        return self.itm_head(out.queries).mean(dim=1)
+        return self.qformer(image_embeds, input_ids, attention_mask, mode="bidirectional").queries
 
     def tokenize_text(self, texts: Sequence[str], max_len: int | None = None) -> tuple[Tensor, Tensor]:
         """Q-Former text ([CLS] ... [SEP]) -> input_ids, attention_mask [B, T]."""
@@ -147,11 +150,18 @@ class Blip2Model(nn.Module):
         """A visual prompt [B, V, H_llm] (``soft_prompt``) -> its projected queries [B, Q, H_llm], without a leading BOS."""
         return prompt[:, prompt.shape[1] - self.qformer.num_queries:]
 
-    def soft_prompt(self, features: Tensor) -> Tensor:
+    def soft_prompt(self, features: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         """Frozen image features [B, N, D] -> the LLM-space visual prompt [B, V, H_llm] (V = ``num_visual``:
-        the projected queries, led by the BOS embedding when ``llm.bos_before_image``)."""
+        the projected queries, led by the BOS embedding when ``llm.bos_before_image``). With
+        ``llm.prompt_to_qformer`` the queries also read each row's text prompt (None: no prompt, as for captions)."""
         llm = self._require_llm()
-        queries = self.query_states(features).queries  # [B, Q, H]
+        if self.cfg.llm.prompt_to_qformer:
+            texts = [""] * len(features) if prompts is None else list(prompts)
+            if len(texts) != len(features):
+                raise ValueError(f"{len(texts)} prompts for {len(features)} images: give one per image")
+            queries = self.joint_queries(features, *self.tokenize_text(texts))  # [B, Q, H]
+        else:
+            queries = self.query_states(features).queries  # [B, Q, H]
         prompt = self.llm_proj(queries).to(llm.dtype)  # [B, Q, H_llm]
         if self.num_visual == prompt.shape[1]:
             return prompt
@@ -166,14 +176,17 @@ class Blip2Model(nn.Module):
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         features: Tensor | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> Tensor:
         """LLM logits for the text positions.
 
         Decoder-only: ``input_ids`` [B, T] is the text (BOS included, no image placeholders) -> [B, T, V].
         Encoder-decoder: ``input_ids`` is the encoder text and ``decoder_input_ids`` [B, S] the decoder's -> [B, S, V].
-        ``features`` (cached frozen-encoder outputs [B, N, D]) may replace ``pixel_values``.
+        ``features`` (cached frozen-encoder outputs [B, N, D]) may replace ``pixel_values``; ``prompts``: the
+        text prompts the Q-Former reads with ``llm.prompt_to_qformer``.
         """
-        prompt = self.soft_prompt(self.image_features(pixel_values) if features is None else features)  # [B, Q, H_llm]
+        features = self.image_features(pixel_values) if features is None else features
+        prompt = self.soft_prompt(features, prompts)  # [B, V, H_llm]
         return self.text_logits(prompt, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
 
     def text_logits(
@@ -211,7 +224,7 @@ class Blip2Model(nn.Module):
         length); the inference methods check lengths first and pass a limit that cuts nothing.
         """
         llm = self._require_llm()
-        visual = self.soft_prompt(features)  # [B, Q, H_llm]
+        visual = self.soft_prompt(features, prompts)  # [B, V, H_llm]
         decoder_only = not llm.is_encoder_decoder
         max_len = max_len or self.cfg.llm.max_text_len
         ids, mask = llm.tokenize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -211,13 +213,16 @@ def text_losses(model, prompt: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor
     return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
 
 
-def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def stage2_losses(
+    model, features: Tensor, batch: dict[str, Tensor], prompts: Sequence[str] | None = None
+) -> dict[str, Tensor]:
     """Language modelling on the text only (queries, prompt and padding are ignored), ``features`` [B, N, D]
-    -> {"loss", "prompt_spread"}; the loss is the mean over the batch's target tokens.
+    -> {"loss", "prompt_spread"}; the loss is the mean over the batch's target tokens. ``prompts``: each row's
+    text prompt, which the Q-Former reads with ``llm.prompt_to_qformer``.
 
     ``batch``: decoder-only: ``input_ids``, ``attention_mask``, ``labels`` [B, T];
     encoder-decoder: also ``decoder_input_ids``, ``decoder_attention_mask``, with ``labels`` [B, S] for the decoder.
     """
-    prompt = model.soft_prompt(features)  # [B, V, H_llm]
+    prompt = model.soft_prompt(features, prompts)  # [B, V, H_llm]
     summed, tokens = text_losses(model, prompt, batch)
     return {"loss": summed.sum() / tokens.sum(), "prompt_spread": prompt_spread(model.prompt_queries(prompt))}

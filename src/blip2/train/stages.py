@@ -123,4 +123,4 @@ def stage2_step(model, batch: dict[str, Any]) -> dict[str, Tensor]:
     """Language modelling on the target text, with the visual soft prompt in front (+ its spread over the batch)."""
     features = image_features(model, batch["image"])
     tensors = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, Tensor) and k != "image"}
-    return stage2_losses(model, features, tensors)
+    return stage2_losses(model, features, tensors, batch.get("prompt"))

@@ -418,6 +418,9 @@ def export_hf(model: "Blip2Model", directory: str | Path) -> Path:
     if model.cfg.llm is not None and model.cfg.llm.bos_before_image:
         raise KeyMapError("this model reads [BOS ; visual prompt ; BOS ; text] (llm.bos_before_image), but "
                           "transformers' Blip2 puts the visual prompt first: the export would caption differently")
+    if model.cfg.llm is not None and model.cfg.llm.prompt_to_qformer:
+        raise KeyMapError("this model's Q-Former reads the text prompt (llm.prompt_to_qformer), which transformers' "
+                          "Blip2 cannot: the export would answer differently")
     retrieval = model.llm is None
     tokenizer = copy.deepcopy(model.tokenizer if retrieval else model.llm.tokenizer)
     image_token_index = None if retrieval else _image_token(tokenizer)
