@@ -10,9 +10,8 @@ from blip2.demo import BARS, DemoConfig, run_demo
 def tiny_demo(tmp_path, train: int = 16, **overrides) -> DemoConfig:
     settings = dict(
         data_root=str(tmp_path / "shapes"), runs=str(tmp_path / "runs"), report=str(tmp_path / "report"),
-        sizes={"train": train, "val": 0, "test": 6, "compositional": 4}, stage1_steps=2, retrieval_steps=2,
-        stage2_steps=2,
-        eval_limit=2, retrieval_k=2, baseline_limit=2,
+        sizes={"train": train, "val": 0, "test": 6, "compositional": 4}, stage1_steps=2,
+        retrieval_steps=2, stage2_steps=2, eval_limit=2, retrieval_k=2, baseline_limit=2,
     )  # fmt: skip
     settings.update(overrides)
     return DemoConfig(**settings)

@@ -95,7 +95,7 @@ def instructblip_from(model: Blip2Model, hf_model) -> transformers.InstructBlipF
         vision_config=config.vision_config.to_dict(), qformer_config=qformer, text_config=config.text_config.to_dict(),
         num_query_tokens=config.num_query_tokens, image_token_index=config.image_token_id,
     )).eval()  # fmt: skip
-    ours = model.state_dict()
+    ours, frozen = model.state_dict(), hf_model.state_dict()
     table = hf_key_map(model.cfg.qformer, retrieval=False, text_ffn=True) | {
         "embeddings.word_embeddings.weight": "qformer.word_embeddings.weight",
         "embeddings.position_embeddings.weight": "qformer.position_embeddings.weight",
@@ -108,7 +108,7 @@ def instructblip_from(model: Blip2Model, hf_model) -> transformers.InstructBlipF
         if name in table:
             state[key] = ours[table[name]]
         elif name.startswith(("vision_model.", "language_model.")):
-            state[key] = hf_model.state_dict()[name]
+            state[key] = frozen[name]
     missing, unexpected = instruct.load_state_dict(state, strict=False)
     assert not unexpected and all("position_ids" in key for key in missing), missing
     return instruct
@@ -289,10 +289,10 @@ def test_export_of_a_built_model_grows_the_vocabulary_for_image_tokens(tiny_part
 def test_export_of_a_stage1_model_keeps_the_text_side(tiny_parts, randomize, pixels, tmp_path):
     model = built_model(tiny_parts, randomize, None)
     reloaded = hf_reload(model.export_hf(tmp_path / "export"), retrieval=True)
-    ours = model.state_dict()
+    ours, exported = model.state_dict(), reloaded.state_dict()
     table = hf_key_map(model.cfg.qformer, retrieval=True, text_ffn=True)
     for hf_key, our_key in table.items():
-        torch.testing.assert_close(reloaded.state_dict()[hf_key], ours[our_key], rtol=0, atol=0, msg=hf_key)
+        torch.testing.assert_close(exported[hf_key], ours[our_key], rtol=0, atol=0, msg=hf_key)
     ids = torch.randint(4, 99, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs = reloaded(pixels(), ids, torch.ones_like(ids), use_image_text_matching_head=True).logits_per_image
