@@ -128,12 +128,18 @@ class Blip2Config:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLMConfig | None = field(default_factory=LLMConfig)
     vision_norm_eps: float = 1e-5  # the trainable LayerNorm on the encoder's features (LAVIS "ln_vision")
+    # that LayerNorm's starting gain on the position-code channels (vision.position_channels, if any): with a plain
+    # LayerNorm (1, BLIP-2's) Lite0's 32 code channels hold 2% of a token's squared norm against the 320 content
+    # channels and the Q-Former barely learns where things are; 4 gives them about a quarter (docs/vision.md)
+    vision_norm_position_gain: float = 1.0
 
     def __post_init__(self) -> None:
         for name, cls in (("vision", VisionConfig), ("qformer", QFormerConfig), ("llm", LLMConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _from_dict(cls, value, name))
+        if self.vision_norm_position_gain <= 0:
+            raise ConfigError(f"vision_norm_position_gain must be positive, got {self.vision_norm_position_gain}")
         if self.llm is None and not self.qformer.tokenizer:
             raise ConfigError("a stage-1 model (llm: null) needs qformer.tokenizer for its text side")
 

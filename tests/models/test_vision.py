@@ -11,7 +11,8 @@ import torch
 import transformers
 from PIL import Image
 
-from blip2.config import ConfigError, VisionConfig
+from blip2.api import build_model
+from blip2.config import Blip2Config, ConfigError, QFormerConfig, VisionConfig
 from blip2.models.vision import (
     LITE0_DEFAULT_FEATURE_LAYER,
     Preprocess,
@@ -349,3 +350,22 @@ def test_hf_directory_errors(tmp_path):
         build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path)))
     with pytest.raises(TypeError, match="BertModel is not a supported vision model"):
         image_encoder_from_hf(transformers.BertModel(transformers.BertConfig(**TINY_TEXT)))
+
+
+def test_vision_norm_position_gain_lifts_only_the_position_code():
+    qformer = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4,
+                            init_from=None)
+    plain = build_model(Blip2Config(qformer=qformer, llm=None))  # the default gain, 1: a plain LayerNorm
+    lifted = build_model(Blip2Config(qformer=qformer, llm=None, vision_norm_position_gain=4.0))
+    assert lifted.vision_norm.weight[:320].eq(1).all() and lifted.vision_norm.weight[320:].eq(4).all()
+    with torch.no_grad():
+        features = plain.image_features(torch.randn(2, 3, 224, 224))  # [2, 49, 320 content + 32 code]
+        before, after = plain.vision_norm(features), lifted.vision_norm(features)
+
+    def code_share(normed):  # the code channels' part of a token's squared norm
+        return (normed[..., 320:].square().sum(-1) / normed.square().sum(-1)).mean().item()
+
+    assert code_share(before) < 0.1 and 0.2 < code_share(after) < 0.8
+    torch.testing.assert_close(after[..., :320], before[..., :320])
+    with pytest.raises(ConfigError, match="vision_norm_position_gain must be positive, got 0"):
+        Blip2Config(vision_norm_position_gain=0)

@@ -46,6 +46,9 @@ class Blip2Model(nn.Module):
         self.cfg = cfg
         self.vision = vision
         self.vision_norm = nn.LayerNorm(vision.out_dim, eps=cfg.vision_norm_eps)  # BLIP-2's trainable "ln_vision"
+        if vision.position_channels:
+            with torch.no_grad():
+                self.vision_norm.weight[-vision.position_channels:] = cfg.vision_norm_position_gain
         self.qformer = QFormer(cfg.qformer)
         self.tokenizer = tokenizer
         hidden = cfg.qformer.hidden_size

@@ -123,8 +123,11 @@ class Preprocess:
 class ImageEncoder(nn.Module):
     """A frozen image network that turns pixels into a sequence of token features.
 
-    Subclasses say how tokens are read from ``backbone`` (``tokens``) and set ``out_dim``.
+    Subclasses say how tokens are read from ``backbone`` (``tokens``) and set ``out_dim``; the last
+    ``position_channels`` of a token, if any, are a fixed position code.
     """
+
+    position_channels: int = 0
 
     def __init__(self, backbone: nn.Module, preprocess: Preprocess, out_dim: int) -> None:
         super().__init__()
