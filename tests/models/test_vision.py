@@ -8,11 +8,12 @@ import safetensors.torch
 import skimage.data
 import timm
 import torch
+import torch.nn.functional as F
 import transformers
 from PIL import Image
 
-from blip2.api import build_model
 from blip2.config import Blip2Config, ConfigError, QFormerConfig, VisionConfig
+from blip2.models.blip2 import Blip2Model
 from blip2.models.vision import (
     LITE0_DEFAULT_FEATURE_LAYER,
     Preprocess,
@@ -21,6 +22,7 @@ from blip2.models.vision import (
     grid_position_code,
     image_encoder_from_hf,
 )
+from blip2.weights.bert import load_tokenizer
 from blip2.weights.offline import efficientnet_lite0_weights
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -352,20 +354,28 @@ def test_hf_directory_errors(tmp_path):
         image_encoder_from_hf(transformers.BertModel(transformers.BertConfig(**TINY_TEXT)))
 
 
-def test_vision_norm_position_gain_lifts_only_the_position_code():
-    qformer = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4,
-                            init_from=None)
-    plain = build_model(Blip2Config(qformer=qformer, llm=None))  # the default gain, 1: a plain LayerNorm
-    lifted = build_model(Blip2Config(qformer=qformer, llm=None, vision_norm_position_gain=4.0))
-    assert lifted.vision_norm.weight[:320].eq(1).all() and lifted.vision_norm.weight[320:].eq(4).all()
+def test_vision_norm_position_gain_lifts_only_the_position_code(lite0):
+    def model_on(encoder):
+        qformer = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4,
+                                init_from=None, encoder_width=encoder.out_dim)
+        cfg = Blip2Config(qformer=qformer, llm=None, vision_norm_position_gain=4.0)
+        return Blip2Model(cfg, encoder, load_tokenizer("minilm"))
+
+    model = model_on(lite0)
+    assert model.vision_norm.weight[:320].eq(1).all() and model.vision_norm.weight[320:].eq(4).all()
+    photos = [Image.fromarray(skimage.data.chelsea()), Image.fromarray(skimage.data.coffee())]
     with torch.no_grad():
-        features = plain.image_features(torch.randn(2, 3, 224, 224))  # [2, 49, 320 content + 32 code]
-        before, after = plain.vision_norm(features), lifted.vision_norm(features)
+        features = lite0(lite0.preprocess(photos))  # [2, 49, 320 content + 32 code]
+        plain, lifted = F.layer_norm(features, (352,)), model.vision_norm(features)  # BLIP-2's LayerNorm, and ours
 
     def code_share(normed):  # the code channels' part of a token's squared norm
         return (normed[..., 320:].square().sum(-1) / normed.square().sum(-1)).mean().item()
 
-    assert code_share(before) < 0.1 and 0.2 < code_share(after) < 0.8
-    torch.testing.assert_close(after[..., :320], before[..., :320])
+    assert code_share(plain) < 0.05  # what BLIP-2's LayerNorm leaves of the code (2% on the shapes world)
+    torch.testing.assert_close(lifted[..., 320:], 4 * plain[..., 320:])  # the code scaled, the content untouched
+    torch.testing.assert_close(lifted[..., :320], plain[..., :320])
+    vit = image_encoder_from_hf(tiny_vision_model("vit"))  # no position code: the gain has nothing to lift
+    assert model_on(vit).vision_norm.weight.eq(1).all()
+    assert Blip2Config().vision_norm_position_gain == 1.0  # the default is BLIP-2's plain LayerNorm
     with pytest.raises(ConfigError, match="vision_norm_position_gain must be positive, got 0"):
         Blip2Config(vision_norm_position_gain=0)
