@@ -238,7 +238,8 @@ def test_vqav2_questions_and_annotations(tmp_path, images):
     annotations.write_text(json.dumps({
         "annotations": [
             {"question_id": 20, "image_id": 2, "answers": [{"answer": "no", "answer_id": k} for k in range(10)]},
-            {"question_id": 10, "image_id": 1, "answers": [{"answer": "yes", "answer_id": k} for k in range(10)]},
+            {"question_id": 10, "image_id": 1, "answers": [{"answer": "yes", "answer_id": k} for k in range(10)],
+             "question_type": "is it"},
         ]
     }))  # fmt: skip
     dataset = open_dataset(questions, transform=to_tensor, task="vqa", image_root=images, annotations=annotations)
@@ -249,6 +250,9 @@ def test_vqav2_questions_and_annotations(tmp_path, images):
     assert _colour_of(second) == COLOURS["blue"]
     test_dev = open_dataset(questions, task="vqa", image_root=images)  # no annotations: inference only
     assert test_dev[0]["answers"] == []
+    weighted = open_dataset(questions, task="vqa", image_root=images, annotations=annotations,
+                            question_type_repeats={"is it": 3})  # VQAv2 types come from the annotations
+    assert [item["question_id"] for item in weighted] == ["10", "10", "10", "20"]
 
 
 def test_unknown_file_kind(tmp_path):
@@ -271,6 +275,25 @@ def test_shapes_split_folder_opens_for_both_tasks(tmp_path):
     assert len(vqa) >= 12 and len(vqa[0]["answers"]) == 10
     assert detect_kind(folder / "coco_captions.json") == "json"
     assert len(open_dataset(folder / "coco_captions.json")) == 4
+
+
+def test_question_type_repeats_weigh_a_type_up(tmp_path):
+    folder = write_split(tmp_path, "test", 12, ShapesConfig(image_size=32), progress=False)
+    plain = open_dataset(folder, task="vqa")
+    kinds = [r.question_type for r in plain.records]
+    assert set(kinds) == {"count", "color", "shape", "position", "exists"}
+    weighted = open_dataset(folder, task="vqa", question_type_repeats={"position": 3, "color": 2})
+    expected = len(kinds) + 2 * kinds.count("position") + kinds.count("color")
+    assert len(weighted) == expected
+    ids = [r.question_id for r in weighted.records]
+    for record in plain.records:  # every question kept; position ones three times, colour twice
+        assert ids.count(record.question_id) == {"position": 3, "color": 2}.get(record.question_type, 1)
+    with pytest.raises(DatasetFormatError, match=r"no question of type 'postion' to repeat; types present: \['color',"):
+        open_dataset(folder, task="vqa", question_type_repeats={"postion": 2})
+    with pytest.raises(ValueError, match=r"question_type_repeats\['position'\] must be a whole number >= 1, got 0"):
+        open_dataset(folder, task="vqa", question_type_repeats={"position": 0})
+    with pytest.raises(ValueError, match="caption dataset has no question types to weigh"):
+        open_dataset(folder, question_type_repeats={"position": 2})
 
 
 # ------------------------------------------------------------------------- bad images, counting

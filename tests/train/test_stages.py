@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from blip2.api import build_model
-from blip2.config import LLMConfig
+from blip2.config import ConfigError, LLMConfig
 from blip2.data.datasets import open_dataset
 from blip2.data.feature_cache import FeatureCache
 from blip2.data.shapes import generate
@@ -126,6 +126,15 @@ def test_overrides_and_recipes_read_exponent_numbers_as_numbers(tmp_path):
     assert Recipe.load(tmp_path / "recipe.yaml", ["train.out_dir=runs/1e3"]).train.out_dir == "runs/1e3"
 
 
+def test_question_type_repeats_need_questions():
+    with pytest.raises(ConfigError, match="data.question_type_repeats weighs the questions of data.vqa, which is empty"):
+        Recipe.load(RECIPES / "shapes_stage1.yaml", ["data.question_type_repeats={position: 3}"])
+    with pytest.raises(ConfigError, match="must be a mapping {question_type: n}, e.g. {position: 3}; got 'position'"):
+        Recipe.load(RECIPES / "shapes_vqa.yaml", ["data.question_type_repeats=position"])
+    recipe = Recipe.load(RECIPES / "shapes_vqa.yaml", ["data.question_type_repeats={position: 3}"])
+    assert recipe.data.question_type_repeats == {"position": 3}
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "blip2.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
@@ -146,7 +155,8 @@ def test_two_stages_through_the_cli_learn(tmp_path, tiny_parts):
     run_cli("cache-features", str(root / "train"), str(root / "test"), "--out", str(root / "features"),
             "--model", str(tmp_path / "stage1.yaml"), cwd=tmp_path)
     run_cli("train", str(tmp_path / "stage1.yaml"), cwd=tmp_path)
-    run_cli("train", str(tmp_path / "stage2.yaml"), "--set", "train.lr=0.0005", cwd=tmp_path)
+    run_cli("train", str(tmp_path / "stage2.yaml"), "--set", "train.lr=0.0005", "data.question_type_repeats={position: 2}",
+            cwd=tmp_path)
     records = [json.loads(line) for line in (tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()]
     first, last = records[0]["losses"], records[-1]["losses"]
     assert last["loss"] < 0.95 * first["loss"], (first, last)  # stage 1 measurably learns (16 images, 40 steps)

@@ -82,6 +82,7 @@ class VQARecord:
     answers: tuple[str, ...]
     image_id: str
     question_id: str
+    question_type: str | None = None  # e.g. "color" (shapes) or "what color is the" (VQAv2); None when unlabelled
 
 
 class BadImage(NamedTuple):
@@ -133,6 +134,25 @@ def _answer_list(obj: dict, where: str) -> list[str]:
     return []
 
 
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def repeat_question_types(records: list[VQARecord], repeats: dict[str, int], source: str) -> list[VQARecord]:
+    """Each record ``repeats[its question_type]`` times (once when its type is not named): weighs question types
+    up in a training epoch. Every named type must occur in ``records`` (``source`` names them in the error)."""
+    for kind, times in repeats.items():
+        if not isinstance(times, int) or isinstance(times, bool) or times < 1:
+            raise ValueError(f"question_type_repeats[{kind!r}] must be a whole number >= 1, got {times!r}")
+    present = {r.question_type for r in records}
+    missing = sorted(set(repeats) - present)
+    if missing:
+        found = sorted(t for t in present if t is not None)
+        raise DatasetFormatError(f"{source}: no question of type {', '.join(map(repr, missing))} to repeat; "
+                                 f"types present: {found or 'none (no question_type field)'}")
+    return [r for r in records for _ in range(repeats.get(r.question_type, 1))]
+
+
 def _records_from_objects(
     objects: Iterable[tuple[str, Any]], base: Path, task: str
 ) -> list[CaptionRecord] | list[VQARecord]:
@@ -151,6 +171,7 @@ def _records_from_objects(
                 answers=tuple(_answer_list(obj, where)),
                 image_id=image_id,
                 question_id=str(obj.get("question_id", number)),
+                question_type=_optional_str(obj.get("question_type")),
             ))  # fmt: skip
         return records
     grouped: dict[str, tuple[str, list[str]]] = {}  # image path -> (image id, captions); keeps first-seen order
@@ -237,6 +258,7 @@ def _vqav2_records(questions: dict, base: Path, path: Path, annotations: Path | 
     if subtype is None:
         raise DatasetFormatError(f"{path}: no 'data_subtype' (e.g. 'val2014'), needed to name the COCO image files")
     answers: dict[Any, list[str]] = {}
+    question_types: dict[Any, str | None] = {}
     if annotations is not None:
         annotation_data = _load_json(_existing(annotations, "VQAv2 annotations file"))
         if not isinstance(annotation_data, dict) or "annotations" not in annotation_data:
@@ -245,6 +267,7 @@ def _vqav2_records(questions: dict, base: Path, path: Path, annotations: Path | 
             where = f"{annotations} annotations[{number}]"
             _require_keys(annotation, ("question_id", "answers"), where)
             answers[annotation["question_id"]] = _answer_list(annotation, where)
+            question_types[annotation["question_id"]] = _optional_str(annotation.get("question_type"))
     records = []
     for number, question in enumerate(questions["questions"]):
         where = f"{path} questions[{number}]"
@@ -258,6 +281,7 @@ def _vqav2_records(questions: dict, base: Path, path: Path, annotations: Path | 
             answers=tuple(answers.get(question["question_id"], ())),
             image_id=str(question["image_id"]),
             question_id=str(question["question_id"]),
+            question_type=question_types.get(question["question_id"]),
         ))  # fmt: skip
     return records
 
@@ -652,6 +676,7 @@ def open_dataset(
     shuffle_buffer: int = 1000,
     captions_per_image: int = 1,
     caption_index: int | None = None,
+    question_type_repeats: dict[str, int] | None = None,
 ) -> CaptionDataset | VQADataset | ShardDataset:
     """Open any supported dataset for ``task`` ("caption" or "vqa").
 
@@ -660,7 +685,8 @@ def open_dataset(
     the file's folder); ``annotations`` is the VQAv2 annotations file for a VQAv2 questions file;
     ``captions_per_image`` is how many of an image's captions a training epoch uses (``CaptionDataset``;
     WebDataset samples hold one caption each); ``caption_index`` keeps only that caption of every image (e.g. the
-    paraphrase form retrieval is asked in). Use the result with ``collate_skip_bad`` and a ``BadImageCounter``.
+    paraphrase form retrieval is asked in); ``question_type_repeats`` ({type: n}) repeats every question of a type n
+    times (``repeat_question_types``). Use the result with ``collate_skip_bad`` and a ``BadImageCounter``.
     """
     _check_task(task)
     spec = _resolve_folder(path_or_spec, task)
@@ -668,6 +694,9 @@ def open_dataset(
     if caption_index is not None and (task != CAPTION or kind == "webdataset"):
         raise ValueError(f"caption_index picks one of several captions per image: a {kind} {task} dataset has none "
                          "to pick from; leave caption_index unset")
+    if question_type_repeats and (task != VQA or kind == "webdataset"):
+        raise ValueError(f"question_type_repeats weighs question types of a VQA dataset; a {kind} {task} dataset "
+                         "has no question types to weigh; leave question_type_repeats unset")
     if kind == "webdataset":
         return ShardDataset(expand_shards(spec), transform, task, train=train, seed=seed, shuffle_buffer=shuffle_buffer)
     records = read_records(spec, kind, task, image_root=image_root, annotations=annotations)
@@ -675,6 +704,8 @@ def open_dataset(
         if caption_index is not None:
             records = [replace(r, captions=r.captions_at(caption_index)) for r in records]
         return CaptionDataset(records, transform, train=train, seed=seed, captions_per_image=captions_per_image)
+    if question_type_repeats:
+        records = repeat_question_types(records, question_type_repeats, str(spec))
     return VQADataset(records, transform)
 
 

@@ -5,7 +5,7 @@ stage: 1                      # 1: Q-Former + frozen encoder (ITC/ITM/ITG); 2: +
 model: {vision: {...}, qformer: {...}, llm: null}   # a Blip2Config (see blip2/config.py)
 init: null                    # stage 2: the stage-1 checkpoint to start from; stage 1: a stage-1 run to train on
 data: {captions: [path, ...], vqa: [path, ...], feature_cache: null, captions_per_image: 1, caption_index: null,
-       augment: true}
+       question_type_repeats: {}, augment: true}
 train: {steps: 1000, batch_size: 64, lr: 1e-4, out_dir: runs/stage1, ...}   # a TrainConfig
 ```
 """
@@ -45,6 +45,7 @@ class DataConfig:
     feature_cache: str | None = None  # a folder from `blip2 cache-features`: no image decoding, no augmentation
     captions_per_image: int = 1  # captions of each image per epoch (more weighs captions up against data.vqa)
     caption_index: int | None = None  # train on only this caption of every image (e.g. the form retrieval asks in)
+    question_type_repeats: dict[str, int] = field(default_factory=dict)  # {question_type: n}: n copies per epoch
     augment: bool = True  # BLIP-2's random resized crop (ignored with a feature cache)
     hflip: bool = False  # off by default: flipping breaks "left"/"right" in captions
     max_bad_images: float | int | None = 0.01
@@ -73,6 +74,12 @@ class Recipe:
             raise ConfigError("stage 1 trains on captions only: move data.vqa to a stage-2 recipe")
         if not self.data.captions and not self.data.vqa:
             raise ConfigError("the recipe names no training data: set data.captions (and/or data.vqa for stage 2)")
+        if not isinstance(self.data.question_type_repeats, dict):
+            raise ConfigError("data.question_type_repeats must be a mapping {question_type: n}, e.g. {position: 3}; "
+                              f"got {self.data.question_type_repeats!r}")
+        if self.data.question_type_repeats and not self.data.vqa:
+            raise ConfigError("data.question_type_repeats weighs the questions of data.vqa, which is empty: "
+                              "set data.vqa or remove data.question_type_repeats")
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Recipe":
@@ -138,7 +145,8 @@ def build_dataset(recipe: Recipe, model):
     parts = [open_dataset(p, transform=transform, task="caption", train=True, image_root=data.image_root,
                           seed=recipe.train.seed, captions_per_image=data.captions_per_image,
                           caption_index=data.caption_index) for p in data.captions]
-    parts += [open_dataset(p, transform=transform, task="vqa", image_root=data.image_root) for p in data.vqa]
+    parts += [open_dataset(p, transform=transform, task="vqa", image_root=data.image_root,
+                           question_type_repeats=data.question_type_repeats) for p in data.vqa]
     return parts[0] if len(parts) == 1 else MixedDataset(parts)
 
 
