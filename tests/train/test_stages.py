@@ -131,6 +131,10 @@ def test_question_type_repeats_need_questions():
         Recipe.load(RECIPES / "shapes_stage1.yaml", ["data.question_type_repeats={position: 3}"])
     with pytest.raises(ConfigError, match="must be a mapping {question_type: n}, e.g. {position: 3}; got 'position'"):
         Recipe.load(RECIPES / "shapes_vqa.yaml", ["data.question_type_repeats=position"])
+    with pytest.raises(ConfigError, match=r"data.question_type_repeats\['position'\] must be a whole number >= 1, got 0"):
+        Recipe.load(RECIPES / "shapes_vqa.yaml", ["data.question_type_repeats={position: 0}"])
+    with pytest.raises(ConfigError, match="keys are question-type names, got 3"):
+        Recipe.load(RECIPES / "shapes_vqa.yaml", ["data.question_type_repeats={3: 2}"])
     recipe = Recipe.load(RECIPES / "shapes_vqa.yaml", ["data.question_type_repeats={position: 3}"])
     assert recipe.data.question_type_repeats == {"position": 3}
 

@@ -3,7 +3,7 @@
 Formats (``kind``), detected from the file by ``open_dataset``:
 
 - ``jsonl``: the project's manifest, one {"image": path, "captions": [...]} (or "caption": "...") per
-  line; for VQA one {"image", "question", "answers"} per line.
+  line; for VQA one {"image", "question", "answers"} per line (optional "question_id", "question_type").
 - ``csv``: columns ``image`` and ``caption``; several rows may share an image.
 - ``json``: a list of the same objects (Karpathy-style COCO splits, VQA-style lists).
 - ``coco``: the official COCO caption layout {"images": [...], "annotations": [...]}.
@@ -138,18 +138,25 @@ def _optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def check_question_type_repeats(repeats: dict) -> None:
+    """Raise ValueError unless ``repeats`` maps question-type names to whole numbers >= 1."""
+    for kind, times in repeats.items():
+        if not isinstance(kind, str):
+            raise ValueError(f"question_type_repeats keys are question-type names, got {kind!r}")
+        if not isinstance(times, int) or isinstance(times, bool) or times < 1:
+            raise ValueError(f"question_type_repeats[{kind!r}] must be a whole number >= 1, got {times!r}")
+
+
 def repeat_question_types(records: list[VQARecord], repeats: dict[str, int], source: str) -> list[VQARecord]:
     """Each record ``repeats[its question_type]`` times (once when its type is not named): weighs question types
     up in a training epoch. Every named type must occur in ``records`` (``source`` names them in the error)."""
-    for kind, times in repeats.items():
-        if not isinstance(times, int) or isinstance(times, bool) or times < 1:
-            raise ValueError(f"question_type_repeats[{kind!r}] must be a whole number >= 1, got {times!r}")
+    check_question_type_repeats(repeats)
     present = {r.question_type for r in records}
     missing = sorted(set(repeats) - present)
     if missing:
         found = sorted(t for t in present if t is not None)
         raise DatasetFormatError(f"{source}: no question of type {', '.join(map(repr, missing))} to repeat; "
-                                 f"types present: {found or 'none (no question_type field)'}")
+                                 f"types present: {found or 'none (no question_type field; VQAv2 reads it from annotations=)'}")
     return [r for r in records for _ in range(repeats.get(r.question_type, 1))]
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import ConcatDataset
 
 from blip2.api import build_model
 from blip2.config import Blip2Config, ConfigError, parse_yaml, read_yaml_mapping
-from blip2.data.datasets import BadImageCounter, open_dataset
+from blip2.data.datasets import BadImageCounter, check_question_type_repeats, open_dataset
 from blip2.data.feature_cache import FeatureCache, encoder_identity
 from blip2.train.distributed import is_main
 from blip2.train.stages import Stage1Collate, Stage2Collate, stage1_step, stage2_step
@@ -77,6 +77,10 @@ class Recipe:
         if not isinstance(self.data.question_type_repeats, dict):
             raise ConfigError("data.question_type_repeats must be a mapping {question_type: n}, e.g. {position: 3}; "
                               f"got {self.data.question_type_repeats!r}")
+        try:
+            check_question_type_repeats(self.data.question_type_repeats)
+        except ValueError as error:
+            raise ConfigError(f"data.{error}") from None
         if self.data.question_type_repeats and not self.data.vqa:
             raise ConfigError("data.question_type_repeats weighs the questions of data.vqa, which is empty: "
                               "set data.vqa or remove data.question_type_repeats")
