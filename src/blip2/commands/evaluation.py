@@ -20,7 +20,9 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, 
 
     DATA is any caption/VQA dataset (COCO/Flickr Karpathy JSON, VQAv2 questions + --annotations, a manifest,
     a shapes split). --features reads cached encoder outputs instead of images. Results go to --out as JSON
-    and a Markdown table.
+    and a Markdown table. --limit N scores only the first N images (N questions for vqa): quick, but a
+    VQA type over 200 questions can be off by 0.1. --caption-index scores only that caption of each image
+    (retrieval, grounding).
     """
     kw = {"limit": limit, "batch_size": batch_size, "features": features}
     if task == "retrieval":
