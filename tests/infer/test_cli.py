@@ -100,6 +100,8 @@ def test_bad_input_is_one_clean_line_and_exit_2(checkpoint, image_files, folder,
         (["ask", str(image_files[0]), "w1", "--temperature", "0"], "temperature must be > 0"),
         (["embed", str(image_files[0]), "--output", str(tmp_path / "x.pt")], "must end in .safetensors or .npz"),
         (["caption", str(image_files[0]), "--prompt", ""], "blip2 caption: error: prompt 0 is empty"),
+        (["eval", "caption", str(folder), "--caption-index", "0"], "error: --caption-index does not apply to eval caption"),
+        (["eval", "retrieval", str(folder), "--annotations", "a.json"], "--annotations does not apply to eval retrieval"),
     ]
     for argv, message in cases:
         code, out, err = run([*argv, "--model", str(checkpoint)], capsys)

@@ -21,15 +21,19 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, 
     DATA is any caption/VQA dataset (COCO/Flickr Karpathy JSON, VQAv2 questions + --annotations, a manifest,
     a shapes split). --features reads cached encoder outputs instead of images. Results go to --out as JSON
     and a Markdown table. --limit N scores only the first N images (N questions for vqa): quick, but a
-    VQA type over 200 questions can be off by 0.1. --caption-index scores only that caption of each image
-    (retrieval, grounding).
+    VQA type over 200 questions can be off by 0.1 or more. --caption-index scores only that caption of each
+    image (retrieval, grounding).
     """
+    task_only = {"--caption-index": (caption_index, ("retrieval", "grounding")), "--annotations": (annotations, ("vqa",))}
+    misplaced = [flag for flag, (value, tasks) in task_only.items() if value is not None and task not in tasks]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)} does not apply to eval {task}; leave it out")
     kw = {"limit": limit, "batch_size": batch_size, "features": features}
     if task == "retrieval":
-        kw.update(k=k, caption_index=caption_index)
-    if task == "grounding":
+        kw["k"] = k
+    if caption_index is not None:
         kw["caption_index"] = caption_index
-    if task == "vqa" and annotations:
+    if annotations is not None:
         kw["annotations"] = annotations
     results = evaluate(task, load(model), data, out_dir=out, **kw)
     print(json.dumps({k: v for k, v in results.items() if k != "predictions"}, indent=2, default=str))
