@@ -1,101 +1,30 @@
-"""Shared fixtures: tiny random transformers Blip2 parts (vision, Q-Former, OPT / Llama / T5) built in-process."""
+"""Shared fixtures: tiny random transformers Blip2 parts (vision, Q-Former, OPT / Llama / T5) built in-process, tiny
+pipelines and small image files. The builders live in ``tiny.py``."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
-from torch import nn
+from PIL import Image
 
-NUM_WORDS = 40  # the tiny tokenizers know "w0" ... "w39"
-PAD, EOS, BOS = 0, 1, 2
-IMAGE_SIZE = 32
+from tiny import IMAGE_SIZE, NUMBERED, randomize_, text_model, tiny_pipeline, vision_config, word_tokenizer
 
 
-def word_tokenizer(bos: bool = True, image_token: bool = False) -> transformers.PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer: <pad>=0, </s>=1, <s>=2, <unk>=3, then w0..w39 (and <image> when asked)."""
-    vocab = {"<pad>": PAD, "</s>": EOS, "<s>": BOS, "<unk>": 3} | {f"w{i}": 4 + i for i in range(NUM_WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>" if bos else None,
-    )
+
+def numbered_tokenizer(bos: bool = True, image_token: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """<pad>=0, </s>=1, <s>=2 (the BOS when ``bos``), <unk>=3, then w0..w39 (and <image> when asked)."""
+    tokenizer = word_tokenizer(["<pad>", "</s>", "<s>", "<unk>"], NUMBERED, eos_token="</s>", pad_token="<pad>",
+                               bos_token="<s>" if bos else None)
     if image_token:
         tokenizer.add_tokens([transformers.AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
     return tokenizer
 
 
-def text_config(kind: str, vocab_size: int) -> transformers.PretrainedConfig:
-    """Tiny OPT / Llama (decoder-only) or Flan-T5-style T5 (encoder-decoder) configs."""
-    ids = dict(pad_token_id=PAD, eos_token_id=EOS)
-    if kind == "opt":
-        return transformers.OPTConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            word_embed_proj_dim=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            bos_token_id=BOS,
-            **ids,
-        )
-    if kind == "llama":
-        return transformers.LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-            bos_token_id=BOS,
-            **ids,
-        )
-    if kind == "t5":
-        return transformers.T5Config(
-            vocab_size=vocab_size,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            decoder_start_token_id=PAD,
-            **ids,
-        )
-    raise ValueError(f"unknown tiny text model {kind!r}")
-
-
-def vision_config() -> transformers.Blip2VisionConfig:
-    return transformers.Blip2VisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-    )
-
-
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Non-degenerate random weights (transformers zero-initialises query tokens and nearly zeroes the ViT):
-    normal(0, 0.1) everywhere, norm scales around 1."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in module.modules():
-            is_norm = "norm" in type(sub).__name__.lower()
-            for pname, p in sub.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=generator) * 0.1
-                p.copy_(noise + 1 if is_norm and pname == "weight" else noise)
-    return module
+def text_config(kind: str, tokenizer) -> transformers.PretrainedConfig:
+    """Tiny OPT / Llama (decoder-only) or Flan-T5-style T5 (encoder-decoder) configs for ``tokenizer``."""
+    return text_model(kind, tokenizer, max_positions=64).config
 
 
 @pytest.fixture
@@ -114,7 +43,7 @@ def tiny_blip2(tmp_path):
         seed: int = 0,
     ):
         retrieval = text is None
-        tokenizer = word_tokenizer(bos=text != "t5", image_token=True)
+        tokenizer = numbered_tokenizer(bos=text != "t5", image_token=True)
         image_token = tokenizer.convert_tokens_to_ids("<image>")
         config = transformers.Blip2Config(
             vision_config=vision_config().to_dict(),
@@ -128,7 +57,7 @@ def tiny_blip2(tmp_path):
                 cross_attention_frequency=cross_attention_freq,
                 use_qformer_text_input=retrieval,
             ),
-            text_config=None if retrieval else text_config(text, vocab_size=len(tokenizer)).to_dict(),
+            text_config=None if retrieval else text_config(text, tokenizer).to_dict(),
             num_query_tokens=num_query_tokens,
             image_text_hidden_size=16,
             image_token_index=None if retrieval else image_token,
@@ -167,11 +96,9 @@ def tiny_parts(tmp_path):
         vision.save_pretrained(vision_dir)
         if text is None:
             return vision_dir, None
-        tokenizer = word_tokenizer(bos=text != "t5")
-        config = text_config(text, vocab_size=len(tokenizer))
-        auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+        tokenizer = numbered_tokenizer(bos=text != "t5")
         llm_dir = tmp_path / f"{text}-{seed}"
-        randomize_(auto.from_config(config), seed + 1).save_pretrained(llm_dir)
+        randomize_(text_model(text, tokenizer, max_positions=64), seed + 1).save_pretrained(llm_dir)
         tokenizer.save_pretrained(llm_dir)
         return vision_dir, llm_dir
 
@@ -180,7 +107,7 @@ def tiny_parts(tmp_path):
 
 @pytest.fixture
 def randomize():
-    """``randomize(module, seed)``: see ``randomize_``."""
+    """``randomize(module, seed)``: see ``tiny.randomize_``."""
     return randomize_
 
 
@@ -192,3 +119,26 @@ def pixels():
         return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
 
     return make
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model(family="llama" | "opt" | "t5" | None, seed=0, bos_before_image=False,
+    prompt_to_qformer=False)`` -> an eval-mode pipeline whose every part is random (None: a stage-1 model)."""
+    return tiny_pipeline
+
+
+def noise_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    """Three small random PNG files (different sizes) -> their paths."""
+    paths = []
+    for seed, size in enumerate([(40, 30), (32, 32), (50, 64)]):
+        path = tmp_path / f"image{seed}.png"
+        noise_image(seed, size).save(path)
+        paths.append(path)
+    return paths

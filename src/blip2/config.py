@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +140,7 @@ class Blip2Config:
         for name, cls in (("vision", VisionConfig), ("qformer", QFormerConfig), ("llm", LLMConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, _from_dict(cls, value, name))
+                setattr(self, name, from_mapping(cls, value, name))
         if self.vision_norm_position_gain <= 0:
             raise ConfigError(f"vision_norm_position_gain must be positive, got {self.vision_norm_position_gain}")
         if self.llm is None and not self.qformer.tokenizer:
@@ -148,7 +151,7 @@ class Blip2Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Blip2Config":
-        return _from_dict(cls, data, "config")
+        return from_mapping(cls, data, "model")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -170,9 +173,16 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    """YAML text -> Python values (safe: plain data only), with ``1e-3`` read as a number."""
-    return yaml.load(text, Loader=_YamlLoader)
+def parse_yaml(text: str, where: str = "YAML") -> Any:
+    """YAML text -> Python values (safe: plain data only), with ``1e-3`` read as a number; a syntax error is a
+    ``ConfigError`` naming ``where`` and the line."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML: {problem}{at}") from None
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -180,18 +190,112 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} file not found: {path}")
-    data = parse_yaml(path.read_text())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a mapping of {what} settings")
     return data
 
 
-def _from_dict(cls, data: dict[str, Any], where: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+def from_mapping(cls, data: Any, where: str):
+    """The dataclass ``cls`` from a mapping (a YAML section), every value checked against its field's type.
+
+    Safe coercions only: "6" or 6.0 for an int, 1 or "1e-3" for a float, a single string for a list of strings, a
+    mapping for a nested dataclass; never a number for a string or a bool for a number. Anything else (``lr: fast``, ``steps: true``, ``batch_size: 2.5``, an unknown or
+    missing key) raises ``ConfigError`` naming the key (``where`` is its path, e.g. "train").
+    """
+    if isinstance(data, cls):
+        return data
+    what = where or cls.__name__.lower()  # "" for a top-level mapping such as a recipe
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} must be a mapping of settings, got {_shown(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"unknown {where} keys: {unknown} (known: {sorted(known)})")
-    return cls(**data)
+        raise ConfigError(f"unknown {what} keys: {unknown} (known: {sorted(fields)})")
+    missing = sorted(name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ConfigError(f"{what} config lacks required keys {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()})
+
+
+def coerce(hint: Any, value: Any, key: str) -> Any:
+    """``value`` as type ``hint`` (see ``from_mapping``), or ``ConfigError`` naming ``key``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {_describe(hint)}, got {_shown(value)}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key} must be one of {list(args)}, got {_shown(value)}")
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, key)
+    if origin is list:
+        items = [value] if isinstance(value, str) and args and args[0] is str else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {_shown(value)}")
+        return [coerce(args[0] if args else Any, item, f"{key}[{i}]") for i, item in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {_shown(value)}")
+        key_type, value_type = args or (Any, Any)
+        return {coerce(key_type, k, f"{key} key {k!r}"): coerce(value_type, v, f"{key}[{k!r}]") for k, v in value.items()}
+    coerced = _scalar(hint, value)
+    if coerced is _INVALID:
+        raise ConfigError(f"{key} must be {_describe(hint)}, got {_shown(value)}")
+    return coerced
+
+
+_INVALID = object()
+
+
+def _scalar(hint: type, value: Any) -> Any:
+    if hint is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if isinstance(value, bool):  # YAML's true/false is never a number or a name
+        return _INVALID
+    if hint is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return int(value) if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value) else _INVALID
+    if hint is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(value) if isinstance(value, str) else _INVALID
+        except ValueError:
+            return _INVALID
+    if hint is str:
+        return value if isinstance(value, str) else _INVALID
+    return value if isinstance(value, hint) else _INVALID
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _shown(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
 
 
 PRESETS: dict[str, Blip2Config] = {

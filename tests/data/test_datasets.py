@@ -11,20 +11,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from blip2.data.datasets import (
-    BadImage,
-    BadImageCounter,
-    BadImageLimitError,
-    CaptionDataset,
-    DatasetFormatError,
-    ShardDataset,
-    VQADataset,
-    collate_skip_bad,
-    detect_kind,
-    expand_shards,
-    open_dataset,
-)
-from blip2.data.shapes import ShapesConfig, write_split
+from blip2.data.bad_images import BadImage, BadImageCounter, BadImageLimitError, collate_skip_bad
+from blip2.data.datasets import CaptionDataset, VQADataset, open_dataset
+from blip2.data.records import DatasetFormatError, detect_kind
+from blip2.data.shards import ShardDataset, expand_shards
+from blip2.demo.shapes import ShapesConfig, write_split
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip2.infer.chat import IMAGE_ID
-from blip2.infer.generation import vqa_template
+from blip2.data.conversation import IMAGE_ID
+from blip2.prompts import vqa_template
 
 QUESTIONS = ["what is on the mat", "what color is the cat", "is the dog red", "a photo of what", "w1 w2 w3"]
 
@@ -15,14 +15,14 @@ QUESTIONS = ["what is on the mat", "what color is the cat", "is the dog red", "a
 def positions_run(model, monkeypatch) -> list[int]:
     """Record the number of input positions of every LLM forward call (decoder positions for T5)."""
     lengths = []
-    forward = model.llm.model.forward
+    forward = model.model.llm.model.forward
 
     def counting(*args, **kwargs):
         inputs = next(kwargs[k] for k in ("inputs_embeds", "input_ids", "decoder_input_ids") if kwargs.get(k) is not None)
         lengths.append(inputs.shape[1])
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(model.llm.model, "forward", counting)
+    monkeypatch.setattr(model.model.llm.model, "forward", counting)
     return lengths
 
 
@@ -38,14 +38,14 @@ def test_cached_turns_equal_recomputed_turns_and_run_only_new_positions(tiny_mod
     cached, recomputed = model.chat(image_files[0]), model.chat(image_files[0], cache=False)
     lengths = positions_run(model, monkeypatch)
     fed = []  # the generated tokens the session feeds back (all but each reply's last)
-    embed = model.llm.embed
+    embed = model.model.llm.embed
 
     def recording_embed(ids):
         if ids.shape == (1, 1):
             fed.append(int(ids))
         return embed(ids)
 
-    monkeypatch.setattr(model.llm, "embed", recording_embed)
+    monkeypatch.setattr(model.model.llm, "embed", recording_embed)
     previous, previous_reply, previous_fed = None, "", []
     for turn, question in enumerate(QUESTIONS):
         lengths.clear()
@@ -56,7 +56,7 @@ def test_cached_turns_equal_recomputed_turns_and_run_only_new_positions(tiny_mod
         if previous is not None:
             # reused: the previous prompt, and its reply as far as re-tokenizing the reply's text gives the same tokens
             # (a random model also emits special tokens, which the text drops)
-            retokenized = model.llm.tokenizer(previous_reply, add_special_tokens=False)["input_ids"]
+            retokenized = model.llm_tokenizer.hf(previous_reply, add_special_tokens=False)["input_ids"]
             assert stats.reused_tokens == previous.prompt_tokens + common_prefix(previous_fed, retokenized)
             assert stats.computed_tokens < stats.prompt_tokens / 2
         previous, previous_reply, previous_fed = stats, reply, list(fed)
@@ -72,7 +72,7 @@ def test_the_soft_prompt_opens_the_first_user_message_of_the_chat_template(tiny_
     model = tiny_model("llama")
     session = model.chat(image_files[0])
     ids = session.format.token_ids(session._messages("what is on the mat"), 4)
-    tokenizer = model.llm.tokenizer
+    tokenizer = model.llm_tokenizer.hf
     start = ids.index(IMAGE_ID)
     assert ids[start : start + 4] == [IMAGE_ID] * 4 and IMAGE_ID not in ids[start + 4 :]
     assert tokenizer.decode(ids[:start]) == "<|im_start|> system you are a cat <|im_end|> <|im_start|> user"
@@ -87,7 +87,7 @@ def test_without_a_template_the_first_turn_is_the_vqa_prompt(tiny_model, image_f
         assert first == model.answer(image_files[1], "what is on the mat", max_new_tokens=6)[0]
         second = session.ask("what color is the cat", max_new_tokens=6)
         first_reply = session.history[1][1]
-        template = vqa_template(model.llm)
+        template = vqa_template(model.model.llm.is_encoder_decoder)
         turns = [template.format("what is on the mat"), first_reply, template.format("what color is the cat")]
         prompt = " ".join(turn for turn in turns if turn)
         assert second == model.generate(image_files[1], prompt, max_new_tokens=6)[0]
@@ -167,7 +167,7 @@ def test_an_error_mid_turn_drops_the_cache_and_the_session_recovers(tiny_model, 
     model = tiny_model("llama", seed=3)
     session, baseline = model.chat(image_files[0]), model.chat(image_files[0], cache=False)
     assert session.ask(QUESTIONS[0], max_new_tokens=8) == baseline.ask(QUESTIONS[0], max_new_tokens=8)
-    forward = model.llm.model.forward
+    forward = model.model.llm.model.forward
     calls = []
 
     def failing(*args, **kwargs):
@@ -176,10 +176,10 @@ def test_an_error_mid_turn_drops_the_cache_and_the_session_recovers(tiny_model, 
             raise RuntimeError("out of memory")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(model.llm.model, "forward", failing)
+    monkeypatch.setattr(model.model.llm.model, "forward", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         session.ask(QUESTIONS[1], max_new_tokens=8)
-    monkeypatch.setattr(model.llm.model, "forward", forward)
+    monkeypatch.setattr(model.model.llm.model, "forward", forward)
     assert len(session.history) == 2  # the failed turn is not recorded
     assert session.ask(QUESTIONS[1], max_new_tokens=8) == baseline.ask(QUESTIONS[1], max_new_tokens=8)
     assert session.last_stats.reused_tokens == 0
@@ -205,13 +205,13 @@ def test_chat_soft_prompt_is_computed_once(tiny_model, image_files, monkeypatch)
     model = tiny_model("llama")
     session = model.chat(image_files[0])
     encodes = []
-    monkeypatch.setattr(model.qformer, "forward", lambda *a, _f=model.qformer.forward, **k: encodes.append(1) or _f(*a, **k))
+    monkeypatch.setattr(model.model.qformer, "forward", lambda *a, _f=model.model.qformer.forward, **k: encodes.append(1) or _f(*a, **k))
     for question in QUESTIONS[:3]:
         session.ask(question, max_new_tokens=4)
     assert encodes == []
     model.chat(image_files[0], cache=False).ask(QUESTIONS[0], max_new_tokens=4)
     assert encodes == [1]
-    assert torch.is_tensor(session._visual) and session._visual.shape == (4, model.llm.hidden_size)
+    assert torch.is_tensor(session._visual) and session._visual.shape == (4, model.model.llm.hidden_size)
 
 
 def test_bos_before_image_travels_with_the_visual_prompt_in_both_chat_formats(tiny_model, image_files):
@@ -220,10 +220,10 @@ def test_bos_before_image_travels_with_the_visual_prompt_in_both_chat_formats(ti
     model = tiny_model("llama", bos_before_image=True)  # has a chat template
     session = model.chat(image_files[0])
     with torch.no_grad():
-        prompt = model.soft_prompt(model.image_features(model.pixel_values([image_files[0]])))  # [1, 1 + Q, H]
+        prompt = model.model.soft_prompt(model.model.image_features(model.pixel_values([image_files[0]])))  # [1, 1 + Q, H]
     assert torch.equal(session._visual, prompt[0])
     opt = tiny_model("opt", bos_before_image=True)  # no template: BLIP-2's VQA prompt, the layout stage 2 trains
     qa = opt.chat(image_files[0])
-    assert qa._visual.shape[0] == opt.num_visual == opt.qformer.num_queries + 1
+    assert qa._visual.shape[0] == opt.model.num_visual == opt.model.qformer.num_queries + 1
     assert qa.ask("what is on the mat", max_new_tokens=6) == opt.answer(image_files[0], "what is on the mat",
                                                                       max_new_tokens=6)[0]

@@ -35,9 +35,9 @@ def test_chat_on_smollm2_reuses_its_cache_and_equals_recomputation(model, photo)
             assert stats.reused_tokens >= previous.prompt_tokens and stats.computed_tokens < stats.prompt_tokens / 2
         previous = stats
     assert any(text for role, text in cached.history if role == "assistant")
-    ids = cached.format.token_ids(cached._messages("next"), model.qformer.num_queries)
+    ids = cached.format.token_ids(cached._messages("next"), model.model.qformer.num_queries)
     start = ids.index(-1)
-    text_before = model.llm.tokenizer.decode(ids[:start])
+    text_before = model.llm_tokenizer.hf.decode(ids[:start])
     assert text_before.startswith("<|im_start|>system\n") and text_before.endswith("<|im_start|>user\n")
 
 

@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from blip2.data.images import ImageError
+from blip2.data.text import LLMTokenizer
 from blip2.infer.decoding import GenerationOptions, TextPieces, cache_name, text_pieces
 
 FAMILIES = ("llama", "opt", "t5")
@@ -108,7 +109,7 @@ def test_an_over_long_prompt_is_refused_with_the_overflow(tiny_model, image_file
 def test_an_error_while_streaming_surfaces_and_nothing_hangs(tiny_model, image_files, monkeypatch):
     model = tiny_model("llama")
     calls = []
-    original = model.llm.model.forward
+    original = model.model.llm.model.forward
 
     def failing_forward(*args, **kwargs):
         calls.append(1)
@@ -116,7 +117,7 @@ def test_an_error_while_streaming_surfaces_and_nothing_hangs(tiny_model, image_f
             raise RuntimeError("device lost")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(model.llm.model, "forward", failing_forward)
+    monkeypatch.setattr(model.model.llm.model, "forward", failing_forward)
     pieces = model.stream(image_files[0], "a photo of", max_new_tokens=10)
     with pytest.raises(RuntimeError, match="device lost"):
         list(pieces)
@@ -138,11 +139,11 @@ def test_text_pieces_wait_for_whole_characters_and_join_to_the_decoded_text():
     text = " the café cat 🐱 sat\non the mat "
     ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
     assert len(ids) > len(text.split())  # multi-byte characters are split over several tokens
-    pieces = list(text_pieces(iter(ids), tokenizer))
+    pieces = list(text_pieces(iter(ids), LLMTokenizer(tokenizer, is_encoder_decoder=False)))
     assert "".join(pieces) == text.strip()
     assert not any("\ufffd" in piece for piece in pieces)
     assert len(pieces) >= 5  # released word by word, not all at the end
-    partial = TextPieces(tokenizer)
+    partial = TextPieces(LLMTokenizer(tokenizer, is_encoder_decoder=False))
     assert [partial.add(i) for i in tokenizer("caf")["input_ids"]][-1] == ""  # the last word is held back
     japanese = list(text_pieces(iter(tokenizer("猫が座った。犬")["input_ids"]), tokenizer))
     assert "".join(japanese) == "猫が座った。犬" and len(japanese) >= 3  # no spaces, still released as it comes
@@ -170,17 +171,18 @@ def test_the_cache_keyword_follows_the_installed_transformers_and_ignores_instan
 def test_bos_before_image_leads_the_visual_prompt_in_training_and_generation(tiny_model, image_files):
     """llm.bos_before_image: [BOS ; queries ; BOS ; text] everywhere the LLM reads the visual prompt."""
     paper, bos_first = tiny_model("opt"), tiny_model("opt", bos_before_image=True)  # same seed: the same weights
-    llm = bos_first.llm
+    llm = bos_first.model.llm
     with torch.no_grad():
-        features = bos_first.image_features(bos_first.pixel_values(image_files))  # [3, N, D]
-        queries = paper.soft_prompt(features)  # [3, Q, H]
-        prompt = bos_first.soft_prompt(features)  # [3, 1 + Q, H]
-        bos = llm.embed(torch.tensor([llm.bos_token_id]))[0]
-        assert bos_first.num_visual == paper.num_visual + 1 == prompt.shape[1]
+        features = bos_first.model.image_features(bos_first.pixel_values(image_files))  # [3, N, D]
+        queries = paper.model.soft_prompt(features)  # [3, Q, H]
+        prompt = bos_first.model.soft_prompt(features)  # [3, 1 + Q, H]
+        bos = llm.embed(torch.tensor([bos_first.llm_tokenizer.bos_token_id]))[0]
+        assert bos_first.model.num_visual == paper.model.num_visual + 1 == prompt.shape[1]
         assert torch.equal(prompt[:, 1:], queries) and all(torch.equal(row, bos) for row in prompt[:, 0])
 
-        ids, mask = llm.tokenize(["a photo of", "w1 w2", "what is on the mat"], 16, add_bos=True)  # [3, T]
-        logits = bos_first.text_logits(prompt, ids, mask)  # [3, T, V]
+        texts = ["a photo of", "w1 w2", "what is on the mat"]
+        ids, mask = bos_first.llm_tokenizer.tokenize(texts, 16, add_bos=True)  # [3, T]
+        logits = bos_first.model.text_logits(prompt, ids, mask)  # [3, T, V]
         embeds = torch.cat([bos.expand(3, 1, -1), queries, llm.embed(ids)], dim=1)
         full = torch.cat([torch.ones(3, 1 + queries.shape[1], dtype=mask.dtype), mask], dim=1)
         direct = llm.model(inputs_embeds=embeds, attention_mask=full).logits[:, -ids.shape[1]:]

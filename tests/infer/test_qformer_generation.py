@@ -11,15 +11,15 @@ from blip2.infer.qformer_generation import beam_search, sample, step
 
 
 def query_cache(model, image_files):
-    features = model.image_features(model.pixel_values(image_files))
-    return features, model.query_states(features, use_cache=True).cache
+    features = model.model.image_features(model.pixel_values(image_files))
+    return features, model.model.query_states(features, use_cache=True).cache
 
 
 def full_logits(model, features, tokens):
     """No cache: queries and the whole text in one causal forward -> logits [B, T, V]."""
-    image_embeds = model.vision_norm(features)
-    out = model.qformer(image_embeds, tokens, mode="causal")
-    return model.qformer.lm_logits(out.text)
+    image_embeds = model.model.vision_norm(features)
+    out = model.model.qformer(image_embeds, tokens, mode="causal")
+    return model.model.qformer.lm_logits(out.text)
 
 
 def sequence_score(model, features, ids: list[int], sep: int, dec: int, length_penalty: float) -> float:
@@ -35,25 +35,25 @@ def sequence_score(model, features, ids: list[int], sep: int, dec: int, length_p
 def test_each_cached_step_equals_the_full_causal_forward(tiny_model, image_files):
     model = tiny_model(None)
     features, cache = query_cache(model, image_files)
-    dec = model.tokenizer.bos_token_id
+    dec = model.qformer_tokenizer.bos_token_id
     tokens = torch.tensor([[dec, 2003, 1037, 4937, 2006], [dec, 1037, 3899, 1012, 2000], [dec, 7592, 2088, 2003, 2307]])
     expected = full_logits(model, features, tokens)  # [3, 5, V]
     for length in range(1, tokens.shape[1] + 1):
-        logits, cache = step(model.qformer, tokens[:, :length], cache)
+        logits, cache = step(model.model.qformer, tokens[:, :length], cache)
         torch.testing.assert_close(logits, expected[:, length - 1], rtol=1e-4, atol=1e-4)
-    assert cache[0][0].shape[2] == model.qformer.num_queries + tokens.shape[1]
+    assert cache[0][0].shape[2] == model.model.qformer.num_queries + tokens.shape[1]
 
 
 @torch.no_grad()
 def test_greedy_equals_decoding_without_a_cache(tiny_model, image_files):
     model = tiny_model(None, seed=3)  # a seed whose random Q-Former captions two of the images differently
     features, cache = query_cache(model, image_files)
-    ours = sample(model.qformer, cache, model.tokenizer, GenerationOptions(max_new_tokens=8))
+    ours = sample(model.model.qformer, cache, model.qformer_tokenizer, GenerationOptions(max_new_tokens=8))
     for row, ids in enumerate(ours):
-        tokens = torch.tensor([[model.tokenizer.bos_token_id]])
+        tokens = torch.tensor([[model.qformer_tokenizer.bos_token_id]])
         for _ in range(8):
             token = full_logits(model, features[row : row + 1], tokens)[0, -1].argmax()
-            if token == model.tokenizer.sep_token_id:
+            if token == model.qformer_tokenizer.sep_token_id:
                 break
             tokens = torch.cat([tokens, token.view(1, 1)], dim=1)
         assert ids == tokens[0, 1:].tolist()
@@ -65,10 +65,10 @@ def test_greedy_equals_decoding_without_a_cache(tiny_model, image_files):
 def test_beam_search_scores_are_true_and_beat_greedy(tiny_model, image_files, length_penalty):
     model = tiny_model(None, seed=2)
     features, cache = query_cache(model, image_files)
-    sep, dec = model.tokenizer.sep_token_id, model.tokenizer.bos_token_id
+    sep, dec = model.qformer_tokenizer.sep_token_id, model.qformer_tokenizer.bos_token_id
     options = GenerationOptions(max_new_tokens=5, num_beams=4, length_penalty=length_penalty)
-    hypotheses = beam_search(model.qformer, cache, model.tokenizer, options)
-    greedy = sample(model.qformer, cache, model.tokenizer, GenerationOptions(max_new_tokens=5))
+    hypotheses = beam_search(model.model.qformer, cache, model.qformer_tokenizer, options)
+    greedy = sample(model.model.qformer, cache, model.qformer_tokenizer, GenerationOptions(max_new_tokens=5))
     for row, (ids, score) in enumerate(hypotheses):
         if len(ids) < 5:  # ended with [SEP]: the score includes it
             expected = sequence_score(model, features[row : row + 1], ids, sep, dec, length_penalty)
@@ -77,7 +77,7 @@ def test_beam_search_scores_are_true_and_beat_greedy(tiny_model, image_files, le
         if len(greedy_ids) < 5:
             assert score >= sequence_score(model, features[row : row + 1], greedy_ids, sep, dec, length_penalty) - 1e-5
     rows = [[(k[i : i + 1], v[i : i + 1]) for k, v in cache] for i in range(3)]
-    alone = [beam_search(model.qformer, row, model.tokenizer, options)[0] for row in rows]
+    alone = [beam_search(model.model.qformer, row, model.qformer_tokenizer, options)[0] for row in rows]
     assert [ids for ids, _ in alone] == [ids for ids, _ in hypotheses]  # a batch decodes as each image alone
 
 
@@ -87,7 +87,7 @@ def test_one_beam_is_greedy_and_sep_stops_decoding(tiny_model, image_files):
     greedy = model.qformer_caption(image_files, max_new_tokens=6)
     assert model.qformer_caption(image_files, max_new_tokens=6, num_beams=1) == greedy
     assert all(0 < len(text.split()) <= 6 for text in greedy)
-    model.qformer.lm_head.bias.data[model.tokenizer.sep_token_id] = 100.0  # [SEP] always wins
+    model.model.qformer.lm_head.bias.data[model.qformer_tokenizer.sep_token_id] = 100.0  # [SEP] always wins
     assert model.qformer_caption(image_files, max_new_tokens=6) == ["", "", ""]
     assert model.qformer_caption(image_files, max_new_tokens=6, num_beams=3) == ["", "", ""]
 

@@ -21,73 +21,40 @@ from transformers import (
 )
 
 from blip2.config import ConfigError, LLMConfig
-from blip2.models.language import FrozenLLM, LLMLoadError, build_llm, llm_from_hf
+from blip2.data.text import LLMTokenizer
+from blip2.models.language import FrozenLLM
 from blip2.weights import gguf as gguf_cache
+from blip2.weights.llms import LLMLoadError, build_llm, llm_from_hf
+from tiny import real_like_tokenizer, text_model
 
-WORDS = "a photo of cat dog the is on mat what color red blue question answer short".split()
 FAMILIES = ("opt", "llama", "t5")
 
 
 # ---------------------------------------------------------------------------------------------
-# tiny in-process models and tokenizers
+# tiny in-process models
 
 
-def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with the special tokens (and auto-added ones) of each family's real tokenizer."""
-    specials, kwargs, template = {
-        # OPT's GPT-2 tokenizer prepends </s> (its BOS) itself
-        "opt": (["<pad>", "</s>", "<unk>"], dict(bos_token="</s>", eos_token="</s>", pad_token="<pad>"), "</s> $A"),
-        # Llama's prepends <s>, and has no pad token
-        "llama": (["<unk>", "<s>", "</s>"], dict(bos_token="<s>", eos_token="</s>"), "<s> $A"),
-        # T5's appends </s>, and has no BOS
-        "t5": (["<pad>", "</s>", "<unk>"], dict(eos_token="</s>", pad_token="<pad>"), "$A </s>"),
-    }[family]
-    vocab = {token: index for index, token in enumerate(specials + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    auto_added = [token for token in template.split() if token.startswith("<")]
-    backend.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(token, vocab[token]) for token in auto_added]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **kwargs)
-
-
-def tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, dropout: float = 0.0):
-    """A 2-layer, width-32 random model of ``family`` whose vocabulary fits ``tokenizer``."""
+def tiny_model(family: str, tokenizer, dropout: float = 0.0):
+    """A 2-layer, width-32 random model of ``family`` whose vocabulary fits ``tokenizer`` (with 5 spare rows);
+    OPT's word_embed_proj_dim differs from its hidden size, as in OPT-350m: the soft prompt must match the former."""
     torch.manual_seed(0)
-    vocab = len(tokenizer) + 5
-    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    if family == "opt":
-        # word_embed_proj_dim != hidden_size, as in OPT-350m: the soft prompt must match the former
-        config = OPTConfig(
-            vocab_size=vocab, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2, ffn_dim=64,
-            num_attention_heads=4, max_position_embeddings=64, dropout=dropout,
-            bos_token_id=tokenizer.bos_token_id, **ids,
-        )  # fmt: skip
-        return OPTForCausalLM(config)
-    if family == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, attention_dropout=dropout,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
-        return LlamaForCausalLM(config)
-    config = T5Config(
-        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        dropout_rate=dropout, tie_word_embeddings=False, decoder_start_token_id=tokenizer.pad_token_id, **ids,
-    )  # fmt: skip
-    return T5ForConditionalGeneration(config)
+    overrides = {
+        "opt": dict(word_embed_proj_dim=16, dropout=dropout),
+        "llama": dict(tie_word_embeddings=True, attention_dropout=dropout),
+        "t5": dict(num_decoder_layers=2, dropout_rate=dropout, feed_forward_proj="relu"),
+    }[family]
+    return text_model(family, tokenizer, max_positions=64, vocab_size=len(tokenizer) + 5, **overrides)
 
 
-def tiny_llm(family: str, dropout: float = 0.0) -> FrozenLLM:
-    tokenizer = tiny_tokenizer(family)
+def tiny_llm(family: str, dropout: float = 0.0) -> tuple[FrozenLLM, LLMTokenizer]:
+    tokenizer = real_like_tokenizer(family)
     return llm_from_hf(tiny_model(family, tokenizer, dropout), tokenizer)
 
 
 def save_tiny(family: str, folder: Path) -> FrozenLLM:
-    llm = tiny_llm(family)
+    llm, text = tiny_llm(family)
     llm.model.save_pretrained(folder)
-    llm.tokenizer.save_pretrained(folder)
+    text.hf.save_pretrained(folder)
     return llm
 
 
@@ -104,7 +71,7 @@ def lm_logits(llm: FrozenLLM, input_ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_wrapper_reports_family_width_and_embeddings(family):
-    llm = tiny_llm(family)
+    llm, _ = tiny_llm(family)
     assert llm.is_encoder_decoder == (family == "t5")
     assert llm.hidden_size == {"opt": 16, "llama": 32, "t5": 32}[family]
     input_ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])  # [B, T]
@@ -116,7 +83,7 @@ def test_wrapper_reports_family_width_and_embeddings(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llm_is_frozen_and_stays_in_eval_mode(family):
-    llm = tiny_llm(family, dropout=0.5)
+    llm, _ = tiny_llm(family, dropout=0.5)
     assert not any(p.requires_grad for p in llm.parameters())
     llm.train()
     assert not llm.training
@@ -127,7 +94,7 @@ def test_llm_is_frozen_and_stays_in_eval_mode(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_reaches_soft_prompt_but_not_llm(family):
-    llm = tiny_llm(family)
+    llm, _ = tiny_llm(family)
     soft_prompt = torch.randn(2, 3, llm.hidden_size, requires_grad=True)  # [B, Q, H]
     text = llm.embed(torch.tensor([[3, 4], [5, 6]]))  # [B, T, H]
     inputs = torch.cat([soft_prompt, text], dim=1)  # [B, Q + T, H]
@@ -141,86 +108,24 @@ def test_gradient_reaches_soft_prompt_but_not_llm(family):
 
 
 def test_model_without_lm_head_is_refused():
-    tokenizer = tiny_tokenizer("llama")
+    tokenizer = real_like_tokenizer("llama")
     base = LlamaModel(tiny_model("llama", tokenizer).config)
     with pytest.raises(ValueError, match="no language-modelling head"):
         llm_from_hf(base, tokenizer)
 
 
 def test_broken_weight_tying_is_refused():
-    tokenizer = tiny_tokenizer("llama")
+    tokenizer = real_like_tokenizer("llama")
     model = tiny_model("llama", tokenizer)
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         llm_from_hf(model, tokenizer)
 
 
-# ---------------------------------------------------------------------------------------------
-# special tokens and tokenize
-
-
-def test_special_token_ids_per_family():
-    opt, llama, t5 = (tiny_llm(family) for family in FAMILIES)
-    assert (opt.bos_token_id, opt.eos_token_id, opt.pad_token_id) == (1, 1, 0)
-    # Llama has no pad token: it pads with EOS
-    assert (llama.bos_token_id, llama.eos_token_id, llama.pad_token_id) == (1, 2, 2)
-    assert (t5.bos_token_id, t5.eos_token_id, t5.pad_token_id) == (None, 1, 0)
-
-
-def test_tokenizer_without_pad_or_eos_is_refused():
-    tokenizer = tiny_tokenizer("llama")
-    model = tiny_model("llama", tokenizer)
-    tokenizer.eos_token = None
-    with pytest.raises(ValueError, match="neither a pad nor an EOS"):
-        llm_from_hf(model, tokenizer)
-
-
-@pytest.mark.parametrize("family", ["opt", "llama"])
-def test_tokenize_puts_exactly_one_bos_first_and_pads_right(family):
-    llm = tiny_llm(family)
-    word = {w: llm.tokenizer.convert_tokens_to_ids(w) for w in WORDS}
-    bos, pad = llm.bos_token_id, llm.pad_token_id
-    input_ids, mask = llm.tokenize(["a photo of cat", "dog"], max_len=16, add_bos=True)
-    # the tokenizer would prepend its own BOS too; tokenize must not double it
-    assert input_ids.tolist() == [
-        [bos, word["a"], word["photo"], word["of"], word["cat"]],
-        [bos, word["dog"], pad, pad, pad],
-    ]
-    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert input_ids.dtype == mask.dtype == torch.long
-
-
-def test_tokenize_eos_left_padding_and_truncation():
-    llm = tiny_llm("llama")
-    word = {w: llm.tokenizer.convert_tokens_to_ids(w) for w in WORDS}
-    bos, eos, pad = llm.bos_token_id, llm.eos_token_id, llm.pad_token_id
-    input_ids, mask = llm.tokenize(["a photo of cat", "dog"], max_len=4, add_bos=True, add_eos=True, pad_left=True)
-    # truncation cuts the text, never the BOS/EOS around it
-    assert input_ids.tolist() == [[bos, word["a"], word["photo"], eos], [pad, bos, word["dog"], eos]]
-    assert mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
-
-
-def test_tokenize_for_t5_appends_eos_and_has_no_bos():
-    llm = tiny_llm("t5")
-    input_ids, mask = llm.tokenize(["what color"], max_len=8, add_bos=False, add_eos=True)
-    ids = llm.tokenizer.convert_tokens_to_ids(["what", "color"])
-    assert input_ids.tolist() == [ids + [llm.eos_token_id]]
-    with pytest.raises(ValueError, match="no BOS token"):
-        llm.tokenize(["what color"], max_len=8, add_bos=True)
-
-
-def test_tokenize_rejects_a_bare_string_and_a_max_len_without_room():
-    llm = tiny_llm("opt")
-    with pytest.raises(TypeError, match="list of texts"):
-        llm.tokenize("a cat", max_len=8, add_bos=True)
-    with pytest.raises(ValueError, match="max_len=2"):
-        llm.tokenize(["a cat"], max_len=2, add_bos=True, add_eos=True)
-
-
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_left_padded_batch_generates_like_single_prompts(family):
     """The documented generation recipe: [soft prompt ; left-padded text], positions from the mask."""
-    llm = tiny_llm(family)
+    llm, text = tiny_llm(family)
     texts = ["what color is the cat", "a dog"]
     soft_prompt = torch.randn(2, 3, llm.hidden_size)  # [B, Q, H]
 
@@ -229,12 +134,12 @@ def test_left_padded_batch_generates_like_single_prompts(family):
         mask = torch.cat([torch.ones(prompt.shape[:2], dtype=torch.long), mask], dim=1)  # [B, Q + T]
         return llm.model.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False,
-            pad_token_id=llm.pad_token_id, eos_token_id=None,
+            pad_token_id=text.pad_token_id, eos_token_id=None,
         )  # fmt: skip
 
-    batched = generate(soft_prompt, *llm.tokenize(texts, max_len=16, add_bos=True, pad_left=True))
-    for index, text in enumerate(texts):
-        single = generate(soft_prompt[index : index + 1], *llm.tokenize([text], max_len=16, add_bos=True))
+    batched = generate(soft_prompt, *text.tokenize(texts, max_len=16, add_bos=True, pad_left=True))
+    for index, prompt in enumerate(texts):
+        single = generate(soft_prompt[index : index + 1], *text.tokenize([prompt], max_len=16, add_bos=True))
         assert batched[index].tolist() == single[0].tolist()
 
 
@@ -245,7 +150,8 @@ def test_left_padded_batch_generates_like_single_prompts(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_directory_round_trip(family, tmp_path):
     original = save_tiny(family, tmp_path)
-    loaded = build_llm(LLMConfig(kind="hf", path=str(tmp_path)))
+    original_text = LLMTokenizer(real_like_tokenizer(family), family == "t5")
+    loaded, loaded_text = build_llm(LLMConfig(kind="hf", path=str(tmp_path)))
     assert type(loaded.model) is type(original.model)
     assert loaded.is_encoder_decoder == (family == "t5")
     assert loaded.hidden_size == original.hidden_size
@@ -254,14 +160,14 @@ def test_hf_directory_round_trip(family, tmp_path):
     if family != "t5":  # OPT and Llama tie lm_head to the embeddings, and must stay tied
         assert loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight
     texts = ["a photo of cat", "red mat"]
-    assert loaded.tokenize(texts, 8, add_bos=False)[0].tolist() == original.tokenize(texts, 8, add_bos=False)[0].tolist()
+    assert loaded_text.tokenize(texts, 8, add_bos=False)[0].tolist() == original_text.tokenize(texts, 8, add_bos=False)[0].tolist()
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
 def test_hf_directory_dtype_from_argument_and_config(tmp_path):
     save_tiny("llama", tmp_path)
-    assert build_llm(LLMConfig(kind="hf", path=str(tmp_path)), dtype=torch.bfloat16).model.dtype == torch.bfloat16
-    assert build_llm(LLMConfig(kind="hf", path=str(tmp_path), dtype="float16")).model.dtype == torch.float16
+    assert build_llm(LLMConfig(kind="hf", path=str(tmp_path)), dtype=torch.bfloat16)[0].model.dtype == torch.bfloat16
+    assert build_llm(LLMConfig(kind="hf", path=str(tmp_path), dtype="float16"))[0].model.dtype == torch.float16
     with pytest.raises(ConfigError, match="llm.dtype"):
         LLMConfig(dtype="int8")
 
@@ -291,7 +197,7 @@ def test_hf_directory_with_damaged_weights(tmp_path):
 
 
 def test_hf_directory_without_tokenizer(tmp_path):
-    tokenizer = tiny_tokenizer("llama")
+    tokenizer = real_like_tokenizer("llama")
     tiny_model("llama", tokenizer).save_pretrained(tmp_path)
     with pytest.raises(LLMLoadError, match=f"tokenizer in {tmp_path}"):
         build_llm(LLMConfig(kind="hf", path=str(tmp_path)))
@@ -309,47 +215,47 @@ def fake_source(tmp_path) -> Path:
 
 
 def test_cache_is_written_whole_and_loads(tmp_path, fake_source):
-    llm = tiny_llm("llama")
+    llm, text = tiny_llm("llama")
     target = tmp_path / "cache" / "tiny"
-    gguf_cache.write_cache(llm.model, llm.tokenizer, target, fake_source)
+    gguf_cache.write_cache(llm.model, text.hf, target, fake_source)
     gguf_cache.verify_cache(target, fake_source)
     manifest = json.loads((target / gguf_cache.MANIFEST_NAME).read_text())
     assert manifest["source"] == "model.gguf" and manifest["source_bytes"] == fake_source.stat().st_size
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert "lm_head.weight" not in load_file(target / "model.safetensors")  # stored once, re-tied on load
     assert list(target.parent.iterdir()) == [target]  # no partial directory left behind
-    loaded = build_llm(LLMConfig(kind="hf", path=str(target)))
+    loaded, _ = build_llm(LLMConfig(kind="hf", path=str(target)))
     assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
     input_ids = torch.tensor([[3, 4, 5]])
     torch.testing.assert_close(lm_logits(loaded, input_ids), lm_logits(llm, input_ids))
 
 
 def test_cache_keeps_the_copy_another_process_finished_first(tmp_path, fake_source):
-    llm = tiny_llm("llama")
+    llm, text = tiny_llm("llama")
     target = tmp_path / "tiny"
-    gguf_cache.write_cache(llm.model, llm.tokenizer, target, fake_source)
+    gguf_cache.write_cache(llm.model, text.hf, target, fake_source)
     first = (target / gguf_cache.MANIFEST_NAME).stat().st_mtime_ns
-    gguf_cache.write_cache(llm.model, llm.tokenizer, target, fake_source)
+    gguf_cache.write_cache(llm.model, text.hf, target, fake_source)
     assert (target / gguf_cache.MANIFEST_NAME).stat().st_mtime_ns == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "tiny"]
 
 
 def test_cache_crash_mid_write_leaves_nothing(tmp_path, fake_source, monkeypatch):
-    llm = tiny_llm("llama")
+    llm, text = tiny_llm("llama")
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(gguf_cache, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
-        gguf_cache.write_cache(llm.model, llm.tokenizer, tmp_path / "tiny", fake_source)
+        gguf_cache.write_cache(llm.model, text.hf, tmp_path / "tiny", fake_source)
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
 
 
 def test_damaged_or_stale_cache_names_the_directory_to_delete(tmp_path, fake_source):
-    llm = tiny_llm("llama")
+    llm, text = tiny_llm("llama")
     target = tmp_path / "tiny"
-    gguf_cache.write_cache(llm.model, llm.tokenizer, target, fake_source)
+    gguf_cache.write_cache(llm.model, text.hf, target, fake_source)
     weights = target / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a truncated copy
     with pytest.raises(gguf_cache.CorruptCacheError, match=f"delete the directory {target}"):
@@ -369,18 +275,19 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> FrozenLLM:
+def smollm2() -> tuple[FrozenLLM, LLMTokenizer]:
     return build_llm(LLMConfig(kind="smollm2"))
 
 
 def test_smollm2_is_a_tied_llama_with_its_chat_tokens(smollm2):
-    model, tokenizer = smollm2.model, smollm2.tokenizer
+    smollm2, text = smollm2
+    model, tokenizer = smollm2.model, text.hf
     assert type(model).__name__ == "LlamaForCausalLM" and not smollm2.is_encoder_decoder
     assert smollm2.hidden_size == 576 and model.dtype == torch.float32
     assert model.lm_head.weight is model.model.embed_tokens.weight
     # BOS is the document separator, not the chat-turn opener the GGUF names (use_document_start_as_bos)
-    assert tokenizer.convert_ids_to_tokens([smollm2.bos_token_id, smollm2.eos_token_id]) == ["<|endoftext|>", "<|im_end|>"]
-    assert (smollm2.bos_token_id, smollm2.eos_token_id, smollm2.pad_token_id) == (0, 2, 2)
+    assert tokenizer.convert_ids_to_tokens([text.bos_token_id, text.eos_token_id]) == ["<|endoftext|>", "<|im_end|>"]
+    assert (smollm2.bos_token_id, text.bos_token_id, text.eos_token_id, text.pad_token_id) == (0, 0, 2, 2)
     assert model.config.bos_token_id == model.generation_config.bos_token_id == 0  # an export carries it
     assert tokenizer("Hello")["input_ids"] == tokenizer("Hello", add_special_tokens=False)["input_ids"]  # no auto BOS
     prompt = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
@@ -390,7 +297,8 @@ def test_smollm2_is_a_tied_llama_with_its_chat_tokens(smollm2):
 
 
 def test_smollm2_knows_the_capital_of_france(smollm2):
-    tokenizer = smollm2.tokenizer
+    smollm2, text = smollm2
+    tokenizer = text.hf
     prompt = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     input_ids = tokenizer(prompt + "The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -401,13 +309,13 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 @pytest.mark.slow
 def test_smollm2_converts_then_loads_from_cache_and_chats(tmp_path, monkeypatch):
     monkeypatch.setenv("BLIP2_CACHE", str(tmp_path))
-    converted = build_llm(LLMConfig(kind="smollm2"))  # converts the GGUF into tmp_path
+    converted, _ = build_llm(LLMConfig(kind="smollm2"))  # converts the GGUF into tmp_path
     assert (tmp_path / gguf_cache.SMOLLM2_CACHE_NAME / gguf_cache.MANIFEST_NAME).is_file()
-    cached = build_llm(LLMConfig(kind="smollm2"))  # reads the cache
+    cached, text = build_llm(LLMConfig(kind="smollm2"))  # reads the cache
     for name, tensor in converted.model.state_dict().items():
         torch.testing.assert_close(cached.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
-    tokenizer = cached.tokenizer
+    tokenizer = text.hf
     inputs = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    output = cached.model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=cached.pad_token_id)
+    output = cached.model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=text.pad_token_id)
     reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply

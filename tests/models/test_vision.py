@@ -13,16 +13,12 @@ import transformers
 from PIL import Image
 
 from blip2.config import Blip2Config, ConfigError, QFormerConfig, VisionConfig
+from blip2.data.preprocess import Preprocess
+from blip2.io import WeightsFileError
 from blip2.models.blip2 import Blip2Model
-from blip2.models.vision import (
-    LITE0_DEFAULT_FEATURE_LAYER,
-    Preprocess,
-    WeightsLayoutError,
-    build_image_encoder,
-    grid_position_code,
-    image_encoder_from_hf,
-)
-from blip2.weights.bert import load_tokenizer
+from blip2.models.vision import grid_position_code
+from blip2.weights.encoders import LITE0_DEFAULT_FEATURE_LAYER, build_image_encoder, image_encoder_from_hf
+from blip2.weights.keymap import KeyMapError
 from blip2.weights.offline import efficientnet_lite0_weights
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -79,32 +75,42 @@ def test_preprocess_rejects_unknown_interpolation():
 
 
 @pytest.fixture(scope="module")
-def lite0():
+def lite0_parts():
     return build_image_encoder(VisionConfig())
 
 
-def test_lite0_classifies_the_cat_photo_as_a_cat(lite0):
-    pixels = lite0.preprocess([Image.fromarray(skimage.data.chelsea())])
+@pytest.fixture(scope="module")
+def lite0(lite0_parts):
+    return lite0_parts[0]
+
+
+@pytest.fixture(scope="module")
+def lite0_preprocess(lite0_parts):
+    return lite0_parts[1]
+
+
+def test_lite0_classifies_the_cat_photo_as_a_cat(lite0, lite0_preprocess):
+    pixels = lite0_preprocess([Image.fromarray(skimage.data.chelsea())])
     with torch.no_grad():
         probs = lite0.backbone(pixels).softmax(-1)[0]  # [1000]
     assert probs.argmax().item() in IMAGENET_CATS
     assert probs[list(IMAGENET_CATS)].sum() > 0.8
 
 
-def test_lite0_matches_the_reference_implementation(lite0):
+def test_lite0_matches_the_reference_implementation(lite0, lite0_preprocess):
     """Logits 281-285 for the cat photo from the package's own network (efficientnet_lite_pytorch 0.1.0,
     the lukemelas code with Lite support: TF "SAME" padding, BatchNorm eps 1e-3) on the same pixels.
     timm's efficientnet_lite0 (symmetric padding, eps 1e-5) is off by more than 0.1 here."""
     reference = torch.tensor([8.1518, 8.4394, 1.3147, 2.8622, 10.4787])
-    pixels = lite0.preprocess([Image.fromarray(skimage.data.chelsea())])
+    pixels = lite0_preprocess([Image.fromarray(skimage.data.chelsea())])
     with torch.no_grad():
         logits = lite0.backbone(pixels)[0, 281:286]
     torch.testing.assert_close(logits, reference, atol=2e-3, rtol=0)
 
 
-def test_lite0_preprocess_and_default_tokens(lite0):
+def test_lite0_preprocess_and_default_tokens(lite0, lite0_preprocess):
     """The last block's 7 x 7 x 320 map, row-major, each token followed by its 32-channel position code."""
-    assert lite0.preprocess == Preprocess((224, 224), (0.5,) * 3, (0.5,) * 3, "bicubic")
+    assert lite0_preprocess == Preprocess((224, 224), (0.5,) * 3, (0.5,) * 3, "bicubic")
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         tokens = lite0(pixels)
@@ -116,8 +122,8 @@ def test_lite0_preprocess_and_default_tokens(lite0):
 
 
 def test_lite0_other_feature_layer_size_and_no_position_code():
-    encoder = build_image_encoder(VisionConfig(feature_layer=3, image_size=160, position_channels=0))
-    assert encoder.preprocess.size == (160, 160)
+    encoder, preprocess = build_image_encoder(VisionConfig(feature_layer=3, image_size=160, position_channels=0))
+    assert preprocess.size == (160, 160) == encoder.input_size
     assert (encoder.num_tokens(), encoder.out_dim) == (10 * 10, 112)
 
 
@@ -155,7 +161,7 @@ def test_encoder_is_frozen_and_stays_in_eval_mode(lite0):
 def test_lite0_rejects_another_architecture(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), path)
-    with pytest.raises(WeightsLayoutError, match=r"resnet\.pth holds \d+ tensors, the model 296"):
+    with pytest.raises(KeyMapError, match=r"resnet\.pth holds \d+ tensors, the model 296"):
         build_image_encoder(VisionConfig(path=str(path)))
 
 
@@ -164,7 +170,7 @@ def test_lite0_names_the_first_mismatching_tensor(tmp_path):
     state["_blocks.3._project_conv.weight"] = torch.zeros(7, 144, 1, 1)
     path = tmp_path / "broken.pth"
     torch.save(state, path)
-    with pytest.raises(WeightsLayoutError, match=r"broken\.pth .*_blocks\.3\._project_conv\.weight \(7, 144, 1, 1\)"):
+    with pytest.raises(KeyMapError, match=r"broken\.pth .*_blocks\.3\._project_conv\.weight \(7, 144, 1, 1\)"):
         build_image_encoder(VisionConfig(path=str(path)))
 
 
@@ -182,8 +188,9 @@ def test_timm_vit_from_safetensors(tmp_path):
     source = timm.create_model("vit_tiny_patch16_224", img_size=32).eval()
     path = tmp_path / "vit.safetensors"
     safetensors.torch.save_file(source.state_dict(), path)
-    encoder = build_image_encoder(VisionConfig(kind="timm", name="vit_tiny_patch16_224", path=str(path), image_size=32))
-    assert encoder.preprocess == Preprocess((32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic")
+    encoder, preprocess = build_image_encoder(
+        VisionConfig(kind="timm", name="vit_tiny_patch16_224", path=str(path), image_size=32))
+    assert preprocess == Preprocess((32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic")
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), source.forward_features(pixels))
@@ -195,7 +202,7 @@ def test_timm_vit_refuses_a_position_code(tmp_path):
     safetensors.torch.save_file(timm.create_model("vit_tiny_patch16_224", img_size=32).state_dict(), path)
     cfg = VisionConfig(kind="timm", name="vit_tiny_patch16_224", path=str(path), image_size=32, position_channels=8)
     with pytest.raises(ConfigError, match="VisionTransformer gives a token sequence"):
-        build_image_encoder(cfg).num_tokens()
+        build_image_encoder(cfg)[0].num_tokens()
 
 
 def test_timm_cnn_from_pth_final_and_intermediate_maps(tmp_path):
@@ -203,28 +210,28 @@ def test_timm_cnn_from_pth_final_and_intermediate_maps(tmp_path):
     source = timm.create_model("resnet10t").eval()
     path = tmp_path / "resnet10t.pth"
     torch.save({"state_dict": source.state_dict()}, path)
-    encoder = build_image_encoder(VisionConfig(kind="timm", name="resnet10t", path=str(path)))
-    assert encoder.preprocess.size == (176, 176) and encoder.preprocess.mean == (0.485, 0.456, 0.406)
+    encoder, preprocess = build_image_encoder(VisionConfig(kind="timm", name="resnet10t", path=str(path)))
+    assert preprocess.size == (176, 176) and preprocess.mean == (0.485, 0.456, 0.406)
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = source.forward_features(pixels).flatten(2).transpose(1, 2)  # [1, 4, 512]
         torch.testing.assert_close(encoder(pixels), expected)
     assert (encoder.num_tokens(), encoder.out_dim) == (6 * 6, 512)
-    stride16 = build_image_encoder(VisionConfig(kind="timm", name="resnet10t", path=str(path), feature_layer=-2))
+    stride16, _ = build_image_encoder(VisionConfig(kind="timm", name="resnet10t", path=str(path), feature_layer=-2))
     assert (stride16.num_tokens(), stride16.out_dim) == (11 * 11, 256)
 
 
 def test_timm_wrong_architecture_names_keys(tmp_path):
     path = tmp_path / "resnet.safetensors"
     safetensors.torch.save_file(timm.create_model("resnet10t").state_dict(), path)
-    with pytest.raises(WeightsLayoutError, match=r"resnet\.safetensors does not fit VisionTransformer: missing \['cls_token'"):
+    with pytest.raises(KeyMapError, match=r"resnet\.safetensors does not fit VisionTransformer: missing \['cls_token'"):
         build_image_encoder(VisionConfig(kind="timm", name="vit_tiny_patch16_224", path=str(path), image_size=32))
 
 
 def test_timm_refuses_pickled_modules(tmp_path):
     path = tmp_path / "module.pth"
     torch.save(torch.nn.Linear(2, 2), path)
-    with pytest.raises(WeightsLayoutError, match=r"module\.pth is not a plain state dict"):
+    with pytest.raises(WeightsFileError, match=r"module\.pth is not a plain tensor file"):
         build_image_encoder(VisionConfig(kind="timm", name="resnet10t", path=str(path)))
 
 
@@ -270,7 +277,7 @@ def expected_tokens(model: transformers.PreTrainedModel, pixels: torch.Tensor) -
 def test_hf_directory_gives_blip2_layer_choice(kind, tmp_path):
     model = tiny_vision_model(kind)
     model.save_pretrained(tmp_path)
-    encoder = build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path)))
+    encoder, preprocess = build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path)))
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = encoder(pixels)
@@ -278,16 +285,16 @@ def test_hf_directory_gives_blip2_layer_choice(kind, tmp_path):
         assert not torch.allclose(tokens, model(pixel_values=pixels).last_hidden_state, atol=1e-3)
     num_tokens = VISION_MODELS[kind][2]
     assert tokens.shape == (2, num_tokens, 32) == (2, encoder.num_tokens(), encoder.out_dim)
-    assert encoder.preprocess.size == (32, 32)
+    assert preprocess.size == (32, 32)
     assert not any(p.requires_grad for p in encoder.parameters())
 
 
 def test_hf_in_memory_model_and_family_defaults():
     model = tiny_vision_model("clip")
-    encoder = image_encoder_from_hf(model)
+    encoder, preprocess = image_encoder_from_hf(model)
     assert encoder.backbone is model
-    assert encoder.preprocess.mean == tuple(transformers.image_utils.OPENAI_CLIP_MEAN)
-    assert encoder.preprocess.interpolation == "bicubic"
+    assert preprocess.mean == tuple(transformers.image_utils.OPENAI_CLIP_MEAN)
+    assert preprocess.interpolation == "bicubic"
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), expected_tokens(model, pixels))
@@ -297,17 +304,17 @@ def test_hf_reads_preprocessor_config_and_interpolates_positions(tmp_path):
     tiny_vision_model("vit").save_pretrained(tmp_path)
     spec = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "size": {"height": 48, "width": 48}, "resample": 2}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(spec))
-    encoder = build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path)))
-    assert encoder.preprocess == Preprocess((48, 48), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "bilinear")
+    encoder, preprocess = build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path)))
+    assert preprocess == Preprocess((48, 48), (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "bilinear")
     assert encoder.num_tokens() == 1 + 6 * 6
-    assert build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path), image_size=64)).num_tokens() == 1 + 8 * 8
+    assert build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path), image_size=64))[0].num_tokens() == 1 + 8 * 8
 
 
 def test_hf_center_crop_size_wins(tmp_path):
     tiny_vision_model("dinov2").save_pretrained(tmp_path)
     spec = {"size": {"shortest_edge": 40}, "crop_size": {"height": 24, "width": 24}, "do_center_crop": True, "resample": 3}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(spec))
-    assert build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path))).preprocess.size == (24, 24)
+    assert build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path)))[1].size == (24, 24)
 
 
 def tiny_full_model(kind: str) -> transformers.PreTrainedModel:
@@ -326,12 +333,12 @@ def tiny_full_model(kind: str) -> transformers.PreTrainedModel:
 def test_hf_full_model_directory_gives_its_vision_tower(kind, tmp_path):
     full = tiny_full_model(kind).eval()
     full.save_pretrained(tmp_path)
-    encoder = build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path)))
+    encoder, _ = build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path)))
     assert type(encoder.backbone) is type(full.vision_model)
     loaded, original = encoder.backbone.state_dict(), full.vision_model.state_dict()
     assert loaded.keys() == original.keys()
     assert all(torch.equal(loaded[key], original[key]) for key in original)
-    assert image_encoder_from_hf(full).backbone is full.vision_model
+    assert image_encoder_from_hf(full)[0].backbone is full.vision_model
 
 
 def test_hf_incomplete_weights_are_named(tmp_path):
@@ -340,7 +347,7 @@ def test_hf_incomplete_weights_are_named(tmp_path):
     dropped = next(key for key in weights if key.endswith("post_layernorm.weight"))
     del weights[dropped]
     safetensors.torch.save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(WeightsLayoutError, match="post_layernorm.weight"):
+    with pytest.raises(KeyMapError, match="post_layernorm.weight"):
         build_image_encoder(VisionConfig(kind="hf", path=str(tmp_path)))
 
 
@@ -354,18 +361,18 @@ def test_hf_directory_errors(tmp_path):
         image_encoder_from_hf(transformers.BertModel(transformers.BertConfig(**TINY_TEXT)))
 
 
-def test_vision_norm_position_gain_lifts_only_the_position_code(lite0):
+def test_vision_norm_position_gain_lifts_only_the_position_code(lite0, lite0_preprocess):
     def model_on(encoder):
         qformer = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4,
                                 init_from=None, encoder_width=encoder.out_dim)
         cfg = Blip2Config(qformer=qformer, llm=None, vision_norm_position_gain=4.0)
-        return Blip2Model(cfg, encoder, load_tokenizer("minilm"))
+        return Blip2Model(cfg, encoder, dec_token_id=30522)
 
     model = model_on(lite0)
     assert model.vision_norm.weight[:320].eq(1).all() and model.vision_norm.weight[320:].eq(4).all()
     photos = [Image.fromarray(skimage.data.chelsea()), Image.fromarray(skimage.data.coffee())]
     with torch.no_grad():
-        features = lite0(lite0.preprocess(photos))  # [2, 49, 320 content + 32 code]
+        features = lite0(lite0_preprocess(photos))  # [2, 49, 320 content + 32 code]
         plain, lifted = F.layer_norm(features, (352,)), model.vision_norm(features)  # BLIP-2's LayerNorm, and ours
 
     def code_share(normed):  # the code channels' part of a token's squared norm
@@ -374,7 +381,7 @@ def test_vision_norm_position_gain_lifts_only_the_position_code(lite0):
     assert code_share(plain) < 0.05  # what BLIP-2's LayerNorm leaves of the code (2% on the shapes world)
     torch.testing.assert_close(lifted[..., 320:], 4 * plain[..., 320:])  # the code scaled, the content untouched
     torch.testing.assert_close(lifted[..., :320], plain[..., :320])
-    vit = image_encoder_from_hf(tiny_vision_model("vit"))  # no position code: the gain has nothing to lift
+    vit, _ = image_encoder_from_hf(tiny_vision_model("vit"))  # no position code: the gain has nothing to lift
     assert model_on(vit).vision_norm.weight.eq(1).all()
     assert Blip2Config().vision_norm_position_gain == 1.0  # the default is BLIP-2's plain LayerNorm
     with pytest.raises(ConfigError, match="vision_norm_position_gain must be positive, got 0"):

@@ -11,13 +11,15 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from blip2.api import build_model, load
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from blip2.factory import assemble, build, load_hf
+from blip2.infer.generation import prompt_inputs
 from blip2.models.blip2 import Blip2Model
 from blip2.models.losses import itc_similarities
-from blip2.models.vision import image_encoder_from_hf
+from blip2.pipeline import Blip2Pipeline, load
 from blip2.weights.bert import load_tokenizer
-from blip2.weights.hf import hf_key_map, load_hf
+from blip2.weights.encoders import image_encoder_from_hf
+from blip2.weights.hf import hf_key_map
 from blip2.weights.keymap import KeyMapError
 
 TINY_QFORMER = dict(
@@ -60,7 +62,7 @@ def hf_logits(hf_model, pixel_values, ids, mask, decoder_ids=None) -> torch.Tens
 
 def our_logits(model, pixel_values, ids, mask, decoder_ids=None) -> torch.Tensor:
     with torch.no_grad():
-        return model(pixel_values, ids, mask, decoder_input_ids=decoder_ids)
+        return model.model(pixel_values, ids, mask, decoder_input_ids=decoder_ids)
 
 
 DECODER_IDS = torch.tensor([[0, 8, 12, 30], [0, 17, 4, 4]])
@@ -74,8 +76,8 @@ def test_llm_logits_match_transformers(tiny_blip2, pixels, text, num_layers, fre
     directory, hf_model = tiny_blip2(
         text, num_layers=num_layers, cross_attention_freq=freq, num_query_tokens=num_queries
     )
-    model = load_hf(directory)
-    assert [layer.cross_attn is not None for layer in model.qformer.layers] == [
+    model = load(directory)
+    assert [layer.cross_attn is not None for layer in model.model.qformer.layers] == [
         i % freq == 0 for i in range(num_layers)
     ]
     decoder_ids = DECODER_IDS if text == "t5" else None
@@ -95,7 +97,7 @@ def instructblip_from(model: Blip2Model, hf_model) -> transformers.InstructBlipF
         vision_config=config.vision_config.to_dict(), qformer_config=qformer, text_config=config.text_config.to_dict(),
         num_query_tokens=config.num_query_tokens, image_token_index=config.image_token_id,
     )).eval()  # fmt: skip
-    ours, frozen = model.state_dict(), hf_model.state_dict()
+    ours, frozen = model.model.state_dict(), hf_model.state_dict()
     table = hf_key_map(model.cfg.qformer, retrieval=False, text_ffn=True) | {
         "embeddings.word_embeddings.weight": "qformer.word_embeddings.weight",
         "embeddings.position_embeddings.weight": "qformer.position_embeddings.weight",
@@ -118,12 +120,12 @@ def instructblip_from(model: Blip2Model, hf_model) -> transformers.InstructBlipF
 def test_a_qformer_reading_the_prompt_matches_transformers_instructblip(tiny_blip2, randomize, pixels, text):
     """``llm.prompt_to_qformer`` (BLIP-2's VQA fine-tuning) computes what InstructBLIP does with the same weights."""
     directory, hf_model = tiny_blip2(text)
-    model = load_hf(directory)
+    model = load(directory)
     model.cfg.llm.prompt_to_qformer = True
-    for layer in model.qformer.layers:  # the loader copied the query FFN: make the text side its own
+    for layer in model.model.qformer.layers:  # the loader copied the query FFN: make the text side its own
         randomize(layer.text_ffn, 5)
-    randomize(model.qformer.word_embeddings, 6)
-    randomize(model.qformer.position_embeddings, 7)
+    randomize(model.model.qformer.word_embeddings, 6)
+    randomize(model.model.qformer.position_embeddings, 7)
     instruct = instructblip_from(model, hf_model)
     prompts = ["what color is the cat?", "is it on the mat?"]
     qformer_ids, qformer_mask = model.tokenize_text(prompts)  # the second row is padded
@@ -131,10 +133,12 @@ def test_a_qformer_reading_the_prompt_matches_transformers_instructblip(tiny_bli
     ids, mask = text_batch(decoder_only=text != "t5")
     full_ids, full_mask = with_image_tokens(hf_model, ids, mask)
     with torch.no_grad():
-        ours = model(pixels(), ids, mask, decoder_input_ids=decoder_ids, prompts=prompts)
+        ours = model.model(pixels(), ids, mask, decoder_input_ids=decoder_ids, prompt_ids=qformer_ids,
+                           prompt_mask=qformer_mask)
         reference = instruct(pixel_values=pixels(), qformer_input_ids=qformer_ids, qformer_attention_mask=qformer_mask,
                              input_ids=full_ids, attention_mask=full_mask, decoder_input_ids=decoder_ids).logits
-        swapped = model(pixels(), ids, mask, decoder_input_ids=decoder_ids, prompts=prompts[::-1])
+        swapped = model.model(pixels(), ids, mask, decoder_input_ids=decoder_ids, prompt_ids=qformer_ids.flip(0),
+                              prompt_mask=qformer_mask.flip(0))
     reference = reference if decoder_ids is not None else reference[:, hf_model.config.num_query_tokens :]
     torch.testing.assert_close(ours, reference)
     assert not torch.allclose(ours, swapped, atol=1e-3)  # the prompt does reach the LLM through the queries
@@ -143,18 +147,18 @@ def test_a_qformer_reading_the_prompt_matches_transformers_instructblip(tiny_bli
 @pytest.mark.parametrize("text, seed", [("opt", 2), ("llama", 0), ("t5", 2)])  # seeds whose two generations differ
 def test_greedy_generations_match_transformers(tiny_blip2, pixels, text, seed):
     directory, hf_model = tiny_blip2(text, seed=seed)
-    model = load_hf(directory)
+    model = load(directory)
     prompts = ["w1 w2 w3", "w4"]  # different lengths: the batch is left-padded
     ours = model.generate(pixels(), prompts, max_new_tokens=8)
 
-    decoder_only = not model.llm.is_encoder_decoder  # Blip2Processor's layout: <image> x Q, then the tokenized prompt
-    ids, mask = model.llm.tokenize(prompts, 16, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only)
+    decoder_only = not model.model.llm.is_encoder_decoder  # Blip2Processor's layout: <image> x Q, then the tokenized prompt
+    ids, mask = model.llm_tokenizer.tokenize(prompts, 16, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only)
     ids, mask = with_image_tokens(hf_model, ids, mask)
     out = hf_model.generate(
         pixel_values=pixels(), input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False
     )
     new_tokens = out[:, ids.shape[1] :] if decoder_only else out
-    theirs = [t.strip() for t in model.llm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    theirs = [t.strip() for t in model.llm_tokenizer.hf.batch_decode(new_tokens, skip_special_tokens=True)]
     assert ours == theirs
     assert ours[0] != ours[1] and all(ours), "degenerate generations would prove little"
 
@@ -164,18 +168,18 @@ def test_itm_and_itc_scores_match_transformers(tiny_blip2, pixels, num_layers, f
     directory, hf_model = tiny_blip2(
         None, num_layers=num_layers, cross_attention_freq=freq, num_query_tokens=num_queries
     )
-    model = load_hf(directory)
-    assert model.llm is None
+    model = load(directory)
+    assert model.model.llm is None
     ids = torch.randint(4, 99, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     with torch.no_grad():
         ref_itm = hf_model(pixels(3), ids, mask, use_image_text_matching_head=True).logits_per_image  # [3, 2]
         ref_itc = hf_model(pixels(3), ids, mask, use_image_text_matching_head=False).logits_per_image  # [3, 3]
-        features = model.image_features(pixels(3))
-        ours_itm = model.itm_logits(features, ids, mask)
-        image_feats = model.image_embeds_itc(model.query_states(features).queries)  # [3, Q, E]
-        text_feat = model.text_embeds_itc(ids, mask)  # [3, E]
+        features = model.model.image_features(pixels(3))
+        ours_itm = model.model.itm_logits(features, ids, mask)
+        image_feats = model.model.image_embeds_itc(model.model.query_states(features).queries)  # [3, Q, E]
+        text_feat = model.model.text_embeds_itc(ids, mask)  # [3, E]
         ours_itc, _ = itc_similarities(image_feats, text_feat, image_feats, text_feat, torch.tensor(1.0))
     torch.testing.assert_close(ours_itm, ref_itm)
     torch.testing.assert_close(ours_itc, ref_itc)
@@ -184,8 +188,8 @@ def test_itm_and_itc_scores_match_transformers(tiny_blip2, pixels, num_layers, f
 def test_text_ffn_starts_as_a_copy_of_the_query_ffn(tiny_blip2):
     """transformers' generation checkpoints have no Q-Former text FFN; ours starts as the query FFN."""
     directory, hf_model = tiny_blip2("opt")
-    model = load_hf(directory)
-    for layer, hf_layer in zip(model.qformer.layers, hf_model.qformer.encoder.layer):
+    model = load(directory)
+    for layer, hf_layer in zip(model.model.qformer.layers, hf_model.qformer.encoder.layer):
         torch.testing.assert_close(layer.text_ffn.up.weight, hf_layer.intermediate_query.dense.weight, rtol=0, atol=0)
         torch.testing.assert_close(layer.text_ffn.norm.bias, layer.query_ffn.norm.bias, rtol=0, atol=0)
         assert layer.text_ffn.up.weight.data_ptr() != layer.query_ffn.up.weight.data_ptr()  # a copy, not shared
@@ -195,16 +199,16 @@ def test_text_ffn_starts_as_a_copy_of_the_query_ffn(tiny_blip2):
 def test_the_recorded_config_rebuilds_the_model(tiny_blip2, pixels, tmp_path, text):
     """model.save() keeps only what trains; the config load_hf wrote (parts = the directory) rebuilds the rest."""
     directory, _ = tiny_blip2(text)
-    model = load_hf(directory)
+    model = load(directory)
     rebuilt = load(model.save(tmp_path / "saved"))
     ids = torch.tensor([[2, 5, 9, 13]])
     with torch.no_grad():
         if text is None:
             mask = torch.ones_like(ids)
-            expected = model.itm_logits(model.image_features(pixels(1)), ids, mask)
-            got = rebuilt.itm_logits(rebuilt.image_features(pixels(1)), ids, mask)
+            expected = model.model.itm_logits(model.model.image_features(pixels(1)), ids, mask)
+            got = rebuilt.model.itm_logits(rebuilt.model.image_features(pixels(1)), ids, mask)
         else:
-            expected, got = model(pixels(1), ids), rebuilt(pixels(1), ids)
+            expected, got = model.model(pixels(1), ids), rebuilt.model(pixels(1), ids)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -222,7 +226,7 @@ def hf_reload(directory, retrieval: bool):
 def test_generation_round_trip(tiny_blip2, pixels, tmp_path, text):
     """load_hf -> export_hf -> transformers reloads every tensor unchanged; its outputs and ours agree."""
     directory, hf_model = tiny_blip2(text, num_query_tokens=5)
-    out = load_hf(directory).export_hf(tmp_path / "export")
+    out = load(directory).export_hf(tmp_path / "export")
     reloaded = hf_reload(out, retrieval=False)
     original = hf_model.state_dict()
     for key, value in reloaded.state_dict().items():
@@ -231,7 +235,7 @@ def test_generation_round_trip(tiny_blip2, pixels, tmp_path, text):
 
     decoder_ids = DECODER_IDS if text == "t5" else None
     ids, mask = text_batch(decoder_only=text != "t5")
-    again = load_hf(out)
+    again = load(out)
     torch.testing.assert_close(
         our_logits(again, pixels(), ids, mask, decoder_ids), hf_logits(reloaded, pixels(), ids, mask, decoder_ids)
     )
@@ -244,7 +248,7 @@ def test_generation_round_trip(tiny_blip2, pixels, tmp_path, text):
 
 def test_retrieval_round_trip(tiny_blip2, tmp_path):
     directory, hf_model = tiny_blip2(None, num_layers=3, cross_attention_freq=1)
-    model = load_hf(directory)
+    model = load(directory)
     out = model.export_hf(tmp_path / "export")
     reloaded = hf_reload(out, retrieval=True)
     original = hf_model.state_dict()
@@ -252,10 +256,11 @@ def test_retrieval_round_trip(tiny_blip2, tmp_path):
         torch.testing.assert_close(value, original[key], rtol=0, atol=0, msg=key)
     again = load(out)  # through blip2.api
     assert again.cfg.qformer.tokenizer == str(out)  # the exported directory ships the Q-Former tokenizer
-    assert again.tokenizer.convert_tokens_to_ids("[DEC]") == model.tokenizer.convert_tokens_to_ids("[DEC]")
+    dec = model.qformer_tokenizer.convert_tokens_to_ids("[DEC]")
+    assert again.qformer_tokenizer.convert_tokens_to_ids("[DEC]") == dec == again.model.dec_token_id
 
 
-def built_model(tiny_parts, randomize, text: str | None, seed: int = 3) -> Blip2Model:
+def built_model(tiny_parts, randomize, text: str | None, seed: int = 3) -> Blip2Pipeline:
     """A model assembled from standalone parts (not from a Blip2 directory), its trainable parts random."""
     vision_dir, llm_dir = tiny_parts(text)
     cfg = Blip2Config(
@@ -263,18 +268,20 @@ def built_model(tiny_parts, randomize, text: str | None, seed: int = 3) -> Blip2
         qformer=QFormerConfig(**TINY_QFORMER, cross_attention_freq=1),
         llm=LLMConfig(kind="hf", path=str(llm_dir)) if llm_dir else None,
     )
-    model = build_model(cfg, init_qformer=False)
+    pipe = Blip2Pipeline.from_parts(build(cfg, init_qformer=False))
+    model = pipe.model
     trainable = [model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head, model.llm_proj]
     for seed_offset, module in enumerate(m for m in trainable if m is not None):
         randomize(module, seed + seed_offset)
-    return model.eval()
+    model.eval()
+    return pipe
 
 
 @pytest.mark.parametrize("text", ["llama", "t5"])
 def test_export_of_a_built_model_grows_the_vocabulary_for_image_tokens(tiny_parts, randomize, pixels, tmp_path, text):
     """The LLM tokenizer fills its vocabulary: <image> gets a new, zero row; everything else is reproduced."""
     model = built_model(tiny_parts, randomize, text)
-    vocab = model.llm.model.get_input_embeddings().num_embeddings
+    vocab = model.model.llm.model.get_input_embeddings().num_embeddings
     reloaded = hf_reload(model.export_hf(tmp_path / "export"), retrieval=False)
     assert reloaded.config.image_token_id == vocab
     assert reloaded.language_model.get_input_embeddings().weight[vocab:].abs().sum() == 0
@@ -282,21 +289,21 @@ def test_export_of_a_built_model_grows_the_vocabulary_for_image_tokens(tiny_part
     ids, mask = text_batch(decoder_only=text != "t5")
     theirs = hf_logits(reloaded, pixels(), ids, mask, decoder_ids)
     torch.testing.assert_close(our_logits(model, pixels(), ids, mask, decoder_ids), theirs[..., :vocab])
-    assert len(model.llm.tokenizer) == vocab  # the model's own tokenizer and LLM are untouched
-    assert model.llm.model.get_input_embeddings().num_embeddings == vocab
+    assert len(model.llm_tokenizer.hf) == vocab  # the model's own tokenizer and LLM are untouched
+    assert model.model.llm.model.get_input_embeddings().num_embeddings == vocab
 
 
 def test_export_of_a_stage1_model_keeps_the_text_side(tiny_parts, randomize, pixels, tmp_path):
     model = built_model(tiny_parts, randomize, None)
     reloaded = hf_reload(model.export_hf(tmp_path / "export"), retrieval=True)
-    ours, exported = model.state_dict(), reloaded.state_dict()
+    ours, exported = model.model.state_dict(), reloaded.state_dict()
     table = hf_key_map(model.cfg.qformer, retrieval=True, text_ffn=True)
     for hf_key, our_key in table.items():
         torch.testing.assert_close(exported[hf_key], ours[our_key], rtol=0, atol=0, msg=hf_key)
     ids = torch.randint(4, 99, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         theirs = reloaded(pixels(), ids, torch.ones_like(ids), use_image_text_matching_head=True).logits_per_image
-        torch.testing.assert_close(model.itm_logits(model.image_features(pixels()), ids, torch.ones_like(ids)), theirs)
+        torch.testing.assert_close(model.model.itm_logits(model.model.image_features(pixels()), ids, torch.ones_like(ids)), theirs)
 
 
 def test_export_refuses_an_encoder_transformers_cannot_hold(tmp_path):
@@ -310,13 +317,12 @@ def test_export_refuses_an_encoder_transformers_cannot_hold(tmp_path):
             patch_size=8,
         )
     )
-    vision = image_encoder_from_hf(clip)
     cfg = Blip2Config(
         vision=VisionConfig(kind="hf", path=str(tmp_path)),
         qformer=QFormerConfig(**TINY_QFORMER, encoder_width=32),
         llm=None,
     )
-    model = Blip2Model(cfg, vision, load_tokenizer("minilm"))
+    model = Blip2Pipeline.from_parts(assemble(cfg, image_encoder_from_hf(clip), load_tokenizer("minilm")))
     with pytest.raises(TypeError, match="Blip2VisionModel.*CLIPVisionModel"):
         model.export_hf(tmp_path / "export")
     assert not (tmp_path / "export").exists()
@@ -334,7 +340,7 @@ def test_a_renamed_key_is_named_with_its_file(tiny_blip2):
     )
     save_file(state, file, metadata={"format": "pt"})
     with pytest.raises(KeyMapError, match=r"model\.safetensors.*attention\.query\.weight.*kwery"):
-        load_hf(directory)
+        load(directory)
 
 
 def test_a_wrong_shape_is_named(tiny_blip2):
@@ -344,7 +350,7 @@ def test_a_wrong_shape_is_named(tiny_blip2):
     state["language_projection.weight"] = torch.zeros(7, 32)
     save_file(state, file, metadata={"format": "pt"})
     with pytest.raises(KeyMapError, match="language_projection.weight"):
-        load_hf(directory)
+        load(directory)
 
 
 def test_a_directory_of_another_model_type_is_refused(tiny_parts):

@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip2.api import build_model, load
+from blip2 import factory
+from blip2.pipeline import load
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.weights.keymap import KeyMapError
-from blip2.weights.lavis import lavis_state_dict, load_lavis, save_lavis
+from blip2.weights.checkpoint import save_checkpoint
+from blip2.weights.lavis import lavis_state_dict, save_lavis
 
 WB = ("weight", "bias")
 
@@ -33,7 +35,7 @@ def tiny_model(tiny_parts, randomize, text: str | None, num_layers: int = 2, fre
         embed_dim=16,
         init_from=None,
     )
-    model = build_model(Blip2Config(vision=vision, qformer=qformer, llm=llm, vision_norm_eps=1e-5), init_qformer=False)
+    model = factory.build(Blip2Config(vision=vision, qformer=qformer, llm=llm, vision_norm_eps=1e-5), init_qformer=False).model
     for offset, module in enumerate(
         [model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head]
     ):
@@ -104,9 +106,9 @@ def test_stage1_load_with_eva_weights_is_exact(tiny_parts, randomize, tmp_path):
     model, vision, _ = tiny_model(tiny_parts, randomize, None, num_layers=3, freq=1)
     randomize(model.vision.backbone, 99)  # now differs from the directory the config names
     zero_key_bias(model)
-    loaded = load_lavis(
+    loaded = factory.load_lavis(
         save_lavis(model, tmp_path / "blip2_pretrained.pth", include_vision=True), vision=vision, qformer_heads=4
-    )
+    ).model
     assert loaded.llm is None and loaded.cfg.qformer.cross_attention_freq == 1 and loaded.cfg.qformer.embed_dim == 16
     expected, got = model.state_dict(), loaded.state_dict()
     assert set(got) == set(expected)
@@ -154,7 +156,7 @@ def test_eva_weights_compute_what_eva_computes(tiny_parts, randomize, pixels, tm
         state[f"visual_encoder.blocks.{i}.attn.v_bias"] = torch.randn(32) * 0.3
     path = tmp_path / "eva.pth"
     torch.save({"model": state}, path)
-    loaded = load_lavis(path, vision=vision, qformer_heads=4)
+    loaded = factory.load_lavis(path, vision=vision, qformer_heads=4).model
     with torch.no_grad():
         torch.testing.assert_close(loaded.image_features(pixels()), eva_reference(state, pixels(), num_heads=4))
 
@@ -165,7 +167,7 @@ def test_stage2_load_is_exact(tiny_parts, randomize, pixels, tmp_path, text, pro
     model, vision, llm = tiny_model(tiny_parts, randomize, text)
     path = save_lavis(model, tmp_path / "blip2_stage2.pth")
     assert f"{projection}.weight" in torch.load(path, weights_only=True)["model"]
-    loaded = load_lavis(path, vision=vision, llm=llm, qformer_heads=4)
+    loaded = factory.load_lavis(path, vision=vision, llm=llm, qformer_heads=4).model
     expected = model.state_dict()
     for key, value in loaded.state_dict().items():
         if (
@@ -187,8 +189,8 @@ def test_stage2_load_is_exact(tiny_parts, randomize, pixels, tmp_path, text, pro
 def test_the_recorded_config_rebuilds_the_model(tiny_parts, randomize, pixels, tmp_path):
     """model.save() keeps only what trains; the config load_lavis wrote names the frozen parts that rebuild the rest."""
     model, vision, llm = tiny_model(tiny_parts, randomize, "opt")
-    loaded = load_lavis(save_lavis(model, tmp_path / "s2.pth"), vision=vision, llm=llm, qformer_heads=4)
-    rebuilt = load(loaded.save(tmp_path / "saved"))
+    loaded = factory.load_lavis(save_lavis(model, tmp_path / "s2.pth"), vision=vision, llm=llm, qformer_heads=4).model
+    rebuilt = load(save_checkpoint(loaded, tmp_path / "saved")).model
     ids = torch.tensor([[2, 5, 9, 13]])
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(pixels(1), ids), loaded(pixels(1), ids), rtol=0, atol=0)
@@ -198,7 +200,7 @@ def test_stage1_checkpoint_with_an_llm_starts_stage2(tiny_parts, randomize, tmp_
     model, vision, _ = tiny_model(tiny_parts, randomize, None)
     _, llm_dir = tiny_parts("opt", seed=1)
     path = save_lavis(model, tmp_path / "s1.pth")
-    loaded = load(path, vision=vision, llm={"kind": "hf", "path": str(llm_dir)}, qformer_heads=4)  # through blip2.api
+    loaded = load(path, vision=vision, llm={"kind": "hf", "path": str(llm_dir)}, qformer_heads=4).model  # blip2.load
     assert loaded.llm is not None and loaded.llm_proj.in_features == 32
     torch.testing.assert_close(loaded.qformer.query_tokens, model.qformer.query_tokens, rtol=0, atol=0)
 
@@ -227,7 +229,7 @@ def test_unknown_key_is_named_with_the_file(stage1_state, tmp_path):
         KeyMapError,
         match=r"edited\.pth.*missing keys \['Qformer.bert.encoder.layer.0.attention.self.query.weight'\].*kwery",
     ):
-        load_lavis(write(tmp_path, state), vision=vision, qformer_heads=4)
+        factory.load_lavis(write(tmp_path, state), vision=vision, qformer_heads=4)
 
 
 def test_wrong_shape_is_named(stage1_state, tmp_path):
@@ -236,33 +238,33 @@ def test_wrong_shape_is_named(stage1_state, tmp_path):
     with pytest.raises(
         KeyMapError, match=r"edited\.pth.*wrong shapes.*itm_head.weight: \(3, 32\) vs expected \(2, 32\)"
     ):
-        load_lavis(write(tmp_path, state), vision=vision, qformer_heads=4)
+        factory.load_lavis(write(tmp_path, state), vision=vision, qformer_heads=4)
 
 
 def test_untied_decoder_is_refused(stage1_state, tmp_path):
     state, vision = stage1_state
     state["Qformer.cls.predictions.decoder.weight"] = state["Qformer.cls.predictions.decoder.weight"] + 1
     with pytest.raises(KeyMapError, match="decoder.weight differs from Qformer.bert.embeddings.word_embeddings.weight"):
-        load_lavis(write(tmp_path, state), vision=vision, qformer_heads=4)
+        factory.load_lavis(write(tmp_path, state), vision=vision, qformer_heads=4)
 
 
 def test_missing_parts_are_asked_for(tiny_parts, randomize, tmp_path):
     model, vision, _ = tiny_model(tiny_parts, randomize, "opt")
     path = save_lavis(model, tmp_path / "s2.pth")
     with pytest.raises(ValueError, match="stage-2 checkpoint \\(opt_proj.\\*\\): name its frozen LLM with llm="):
-        load_lavis(path, vision=vision, qformer_heads=4)
+        factory.load_lavis(path, vision=vision, qformer_heads=4)
     with pytest.raises(ValueError, match="name the frozen image encoder with vision="):
-        load_lavis(path, qformer_heads=4)
+        factory.load_lavis(path, qformer_heads=4)
 
 
 def test_a_file_of_another_kind_is_refused(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"state_dict": {"a": torch.zeros(1)}}, path)
     with pytest.raises(KeyMapError, match=r"weights\.pth is not a LAVIS checkpoint.*'model'.*state_dict"):
-        load_lavis(path, vision=VisionConfig())
+        factory.load_lavis(path, vision=VisionConfig())
     torch.save({"model": {"encoder.weight": torch.zeros(1)}}, path)
     with pytest.raises(KeyMapError, match=r"neither the stage-1 text side .* nor a stage-2 projection"):
-        load_lavis(path, vision=VisionConfig())
+        factory.load_lavis(path, vision=VisionConfig())
 
 
 def test_eva_export_refuses_a_key_bias(tiny_parts, randomize):
@@ -277,4 +279,4 @@ def test_eva_weights_for_another_depth_are_refused(tiny_parts, randomize, tmp_pa
     zero_key_bias(model)
     state = {k: v for k, v in lavis_state_dict(model, include_vision=True).items() if ".blocks.1." not in k}
     with pytest.raises(KeyMapError, match="visual_encoder has 1 blocks, the named encoder 2"):
-        load_lavis(write(tmp_path, state), vision=vision, qformer_heads=4)
+        factory.load_lavis(write(tmp_path, state), vision=vision, qformer_heads=4)

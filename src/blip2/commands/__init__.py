@@ -5,10 +5,11 @@ from blip2.commands.inference import ask, caption, chat, embed
 from blip2.commands.model import info
 from blip2.commands.training import cache_features, demo, plot, shapes, train
 from blip2.config import ConfigError
+from blip2.io import WeightsFileError
 from blip2.weights.keymap import KeyMapError
 from blip2.weights.offline import MissingPartError
 
 COMMANDS = [demo, info, caption, ask, chat, embed, shapes, cache_features, train, plot, eval_, capfilt]
 
 # Errors that mean "the input was wrong", printed as one clear line instead of a traceback.
-USER_ERRORS = (ConfigError, KeyMapError, MissingPartError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, KeyMapError, WeightsFileError, MissingPartError, FileNotFoundError, ValueError)

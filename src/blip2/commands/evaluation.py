@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from blip2.api import load
-from blip2.eval.tasks import evaluate
-from blip2.infer.capfilt import capfilt as run_capfilt
+from blip2.eval.capfilt import capfilt as run_capfilt
+from blip2.eval.evaluate import evaluate
+from blip2.pipeline import load
 
 
 def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, model: str = "default", out: str | None = None,

@@ -14,12 +14,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from blip2.api import load
-from blip2.data.datasets import IMAGE_EXTENSIONS
 from blip2.data.images import ImageError, load_image
+from blip2.data.records import IMAGE_EXTENSIONS
 from blip2.infer.batching import as_text_list
 from blip2.infer.chat import CHAT_MAX_NEW_TOKENS
 from blip2.infer.decoding import GenerationOptions
+from blip2.pipeline import load
 
 CHAT_OPTIONS = GenerationOptions(max_new_tokens=CHAT_MAX_NEW_TOKENS)
 CHAT_HELP = "commands: /image PATH (talk about another image), /reset (forget the conversation), /quit (or Ctrl-D)"

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-from blip2.api import load
+from blip2.pipeline import Blip2Pipeline, load
 
 
-def describe(model) -> dict:
+def describe(pipe: Blip2Pipeline) -> dict:
     """Components, parameter counts, preprocessing and dtypes of a loaded model."""
-    cfg = model.cfg
-    pre = model.vision.preprocess
+    model, cfg, pre = pipe.model, pipe.cfg, pipe.preprocess
     return {
         "vision": {**cfg.vision.__dict__, "tokens": model.vision.num_tokens(), "width": model.vision.out_dim,
                    "dtype": str(model.vision_dtype).removeprefix("torch.")},

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from blip2.api import build_model, load
-from blip2.data.shapes import ShapesConfig, generate
-from blip2.demo import DemoConfig, run_demo
-from blip2.train.features import cache_features as cache_dataset_features
+from blip2.data.feature_cache import cache_features as cache_dataset_features
+from blip2.data.feature_cache import encoder_identity
+from blip2.demo.run import DemoConfig, run_demo
+from blip2.demo.shapes import ShapesConfig, generate
+from blip2.factory import Parts, build, load_parts
 from blip2.train.plot import plot_run
 from blip2.train.recipe import Recipe, run_recipe
 
@@ -25,12 +26,12 @@ def shapes(out: str = "data/shapes", train: int = 4000, val: int = 100, test: in
         print(f"{split}: {path}")
 
 
-def encoder_of(source: str):
+def encoder_of(source: str) -> Parts:
     """A model with the image encoder that ``source`` (a model source or a recipe .yaml) names."""
     if source.endswith((".yaml", ".yml")):
         cfg = Recipe.load(source).model
-        return build_model(dataclasses.replace(cfg, llm=None), init_qformer=False)
-    return load(source)
+        return build(dataclasses.replace(cfg, llm=None), init_qformer=False)
+    return load_parts(source)
 
 
 def cache_features(data: list[str], out: str = "features", model: str = "default", image_root: str | None = None,
@@ -41,8 +42,10 @@ def cache_features(data: list[str], out: str = "features", model: str = "default
     image is encoded once (eval preprocessing, no augmentation). MODEL is a model source or a recipe .yaml whose
     model section names the encoder. Train from the cache with `data.feature_cache=OUT` in the recipe.
     """
-    cache_dataset_features(encoder_of(model), data, out, image_root=image_root, batch_size=batch_size,
-                           num_workers=workers, dtype=dtype)
+    parts = encoder_of(model)
+    identity = encoder_identity(parts.model.cfg.vision, parts.preprocess, parts.model.vision)
+    cache_dataset_features(parts.model.image_features, identity, parts.preprocess, data, out, image_root=image_root,
+                           batch_size=batch_size, num_workers=workers, dtype=dtype)
     print(f"features written to {out}")
 
 

@@ -1,4 +1,4 @@
-"""Frozen-feature cache: run the frozen image encoder once, then train from memory-mapped features.
+"""Frozen-feature cache: run the frozen image encoder once over datasets, then train from memory-mapped features.
 
 Layout of a cache folder (written atomically)::
 
@@ -10,24 +10,40 @@ Layout of a cache folder (written atomically)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from blip2.weights.checkpoint import write_atomically
+from blip2.data.bad_images import BadImage, BadImageCounter, collate_skip_bad
+from blip2.data.datasets import CaptionDataset, open_dataset
+from blip2.data.preprocess import Preprocess
+from blip2.data.records import CaptionRecord
+from blip2.io import write_atomically
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-def encoder_identity(vision_cfg, preprocess) -> dict:
-    """What makes cached features valid: the encoder's config and its preprocessing."""
-    return {"vision": dataclasses.asdict(vision_cfg), "size": list(preprocess.size), "mean": list(preprocess.mean),
-            "std": list(preprocess.std), "interpolation": preprocess.interpolation}
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over a module's state (names, shapes, dtypes, bytes): different weights at the same path differ."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def encoder_identity(vision_cfg, preprocess: Preprocess, encoder: nn.Module) -> dict:
+    """What makes cached features valid: the encoder's config, its weights and its preprocessing."""
+    return {"vision": dataclasses.asdict(vision_cfg), "weights_sha256": weights_digest(encoder),
+            **preprocess.identity()}
 
 
 def write_feature_cache(
@@ -105,6 +121,12 @@ class FeatureCache:
     def __contains__(self, image_id: str) -> bool:
         return image_id in self.index
 
+    def features_for(self, record) -> Tensor | BadImage:
+        """A dataset record's features [N, D], or a ``BadImage`` when the cache does not hold its image."""
+        if record.image_id not in self:
+            return BadImage(record.image, f"image id {record.image_id!r} is not in the feature cache {self.path}")
+        return self[record.image_id]
+
     def __getitem__(self, image_id: str) -> Tensor:
         """[N, D] float32 features of one image."""
         try:
@@ -112,3 +134,39 @@ class FeatureCache:
         except KeyError:
             raise KeyError(f"image {image_id!r} is not in the feature cache {self.path}") from None
         return torch.from_numpy(np.array(self.shards[shard][row], dtype=np.float32))  # a writable copy
+
+
+def unique_images(sources: list[str], transform, image_root: str | None = None, task: str = "caption"):
+    """One item per distinct image id over ``sources`` (caption or VQA files, shapes split folders, shards)."""
+    records: dict[str, CaptionRecord] = {}
+    for source in sources:
+        dataset = open_dataset(source, transform=transform, task=task, image_root=image_root)
+        if not hasattr(dataset, "records"):  # streaming shards: iterate them as they are (duplicates are skipped)
+            return dataset
+        for record in dataset.records:
+            records.setdefault(record.image_id, CaptionRecord(record.image, (), record.image_id))
+    return CaptionDataset(list(records.values()), transform)
+
+
+def cache_features(
+    encode: Callable[[Tensor], Tensor],
+    identity: dict,
+    preprocess: Preprocess,
+    sources: list[str],
+    out_dir: str | Path,
+    image_root: str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    dtype: str = "float16",
+    max_bad_images: int | float | None = 0.01,
+) -> Path:
+    """Encode every distinct image of ``sources`` with ``encode`` (eval preprocessing, no augmentation) into a cache
+    at ``out_dir`` described by ``identity`` (``encoder_identity``). Data with no readable image is refused."""
+    images = unique_images(sources, preprocess.eval_transform(), image_root)
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_bad)
+    counter = BadImageCounter(max_bad_images)
+    out = write_feature_cache(encode, counter.track(loader), out_dir, identity, dtype=dtype,
+                              total=len(images) if hasattr(images, "__len__") else None)
+    if counter.bad:
+        print(counter.summary())
+    return out

@@ -54,12 +54,11 @@ def batch_slices(total: int, batch_size: int) -> list[slice]:
     return [slice(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
 
 
-
-def pixel_batch(model, images: list[ImageInput] | Tensor, where: slice) -> Tensor:
+def pixel_batch(pipe, images: list[ImageInput] | Tensor, where: slice) -> Tensor:
     """``images[where]`` as pixel values [b, 3, H, W] on the model's device (files are read here, a batch at a time)."""
     if isinstance(images, Tensor):
-        return images[where].to(model.device)
-    return model.pixel_values(images[where])
+        return images[where].to(pipe.device)
+    return pipe.pixel_values(images[where])
 
 
 def select(images: list[ImageInput] | Tensor, indices: list[int]) -> list[ImageInput] | Tensor:

@@ -1,13 +1,13 @@
 """Multi-turn chat about one image that does not redo work.
 
-A conversation is a list of LLM positions: template text tokens, with the visual-prompt vectors (``Q``, or BOS +
-``Q`` with ``llm.bos_before_image``: ``Blip2Model.num_visual``) at the place the format puts the image. Each
-turn the whole conversation is rendered again (through the LLM's chat template when it has one) and tokenized,
-and the session compares that token list with the one its key/value cache holds: only the positions after their
-common prefix run. Normally that is the template glue that closes the previous answer, the new user text and the
-glue that opens the reply; the image is encoded once per session. A model with ``llm.prompt_to_qformer`` is
-encoded with no text, as for captions: letting the Q-Former read each turn's question would change the visual
-prompt, and with it every cached position, on every turn.
+A conversation is a list of LLM positions (``blip2.data.conversation``): template text tokens, with the
+visual-prompt vectors (``Q``, or BOS + ``Q`` with ``llm.bos_before_image``: ``Blip2Model.num_visual``) at the place
+the format puts the image. Each turn the whole conversation is rendered again and tokenized, and the session
+compares that token list with the one its key/value cache holds: only the positions after their common prefix run.
+Normally that is the template glue that closes the previous answer, the new user text and the glue that opens the
+reply; the image is encoded once per session. A model with ``llm.prompt_to_qformer`` is encoded with no text, as
+for captions: letting the Q-Former read each turn's question would change the visual prompt, and with it every
+cached position, on every turn.
 
 SmolLM2-Instruct (ChatML), the soft prompt opening the first user message::
 
@@ -15,10 +15,6 @@ SmolLM2-Instruct (ChatML), the soft prompt opening the first user message::
     [Q visual vectors]What is in the picture?<|im_end|>\\n<|im_start|>assistant\\n   <- turn 1 runs all of this
     A cat on a mat.<|im_end|>                                                    <- generated; cached but the last
     \\n<|im_start|>user\\nWhat colour is it?<|im_end|>\\n<|im_start|>assistant\\n     <- turn 2 runs <|im_end|> and this
-
-An LLM without a chat template (OPT, T5) talks in BLIP-2's VQA prompt, the soft prompt first as in ``answer``::
-
-    [Q visual vectors]</s>Question: What is it? Answer: a cat Question: What colour? Answer:
 
 Because the cache is only reused where the token lists agree, a cached turn computes exactly what recomputing
 the whole conversation would: the reply (re-tokenized from its text, as a full re-render would) replaces the
@@ -36,60 +32,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from blip2.data.conversation import IMAGE_ID, Message, conversation_format
 from blip2.data.images import load_image
 from blip2.infer.batching import ImageInput
 from blip2.infer.decoding import DecoderRunner, GenerationOptions, decode_loop, stream_tokens, text_pieces
-from blip2.infer.generation import context_length, vqa_template
-from blip2.models.language import FrozenLLM
 
 if TYPE_CHECKING:
-    from blip2.models.blip2 import Blip2Model
+    from blip2.pipeline import Blip2Pipeline
 
-IMAGE_MARK = "<blip2-image>"  # marks where the visual prompt goes in rendered text
-IMAGE_ID = -1  # stands for one visual-prompt position in a conversation's token list
 CHAT_MAX_NEW_TOKENS = 256  # a chat reply's default length (captions and answers default to 30)
-
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
-
-
-class TemplateFormat:
-    """The LLM's own chat template; the visual prompt starts the first user message, right before its text."""
-
-    def __init__(self, llm: FrozenLLM):
-        self.llm = llm
-
-    def token_ids(self, messages: list[Message], num_visual: int) -> list[int]:
-        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        marked = [dict(m) for m in messages]
-        marked[first_user]["content"] = IMAGE_MARK + marked[first_user]["content"]
-        text = self.llm.tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
-        if text.count(IMAGE_MARK) != 1:
-            raise ValueError(
-                f"the chat template of {type(self.llm.model).__name__} did not keep the first user message's text "
-                "as given, so the image cannot be placed in it; use a model without this template"
-            )
-        before, after = text.split(IMAGE_MARK)
-        return _tokens(self.llm, before) + [IMAGE_ID] * num_visual + _tokens(self.llm, after)
-
-
-class QuestionAnswerFormat:
-    """No chat template: each turn is BLIP-2's VQA prompt ("Question: {} Answer:", "... Short answer:" for T5)
-    followed by the reply; turns are joined by spaces; the visual prompt and BOS come first (EOS last for T5)."""
-
-    def __init__(self, llm: FrozenLLM):
-        self.llm = llm
-        self.template = vqa_template(llm)
-
-    def token_ids(self, messages: list[Message], num_visual: int) -> list[int]:
-        parts = [self.template.replace("{}", m["content"]) if m["role"] == "user" else m["content"] for m in messages]
-        text = _tokens(self.llm, " ".join(part for part in parts if part))
-        if self.llm.is_encoder_decoder:
-            return [IMAGE_ID] * num_visual + text + [self.llm.eos_token_id]
-        return [IMAGE_ID] * num_visual + [self.llm.bos_token_id] + text
-
-
-def _tokens(llm: FrozenLLM, text: str) -> list[int]:
-    return llm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @dataclass
@@ -110,10 +61,11 @@ class ChatSession:
     would; it exists to measure and test the cached path against.
     """
 
-    def __init__(self, model: "Blip2Model", image: ImageInput, system: str | None = None, cache: bool = True):
-        self.model = model
-        self.llm = model._require_llm()
-        self.format = TemplateFormat(self.llm) if self.llm.tokenizer.chat_template else QuestionAnswerFormat(self.llm)
+    def __init__(self, pipe: "Blip2Pipeline", image: ImageInput, system: str | None = None, cache: bool = True):
+        self.pipe = pipe
+        self.llm = pipe.model.require_llm()
+        self.tokenizer = pipe.llm_tokenizer
+        self.format = conversation_format(self.tokenizer)
         self.system = system
         self.cache = cache and not self.llm.is_encoder_decoder
         self.last_stats: TurnStats | None = None
@@ -155,7 +107,7 @@ class ChatSession:
     def stream(self, text: str, **gen) -> Iterator[str]:
         """The reply to ``text`` as printable pieces while it is decoded. Stopping early (``close()``, or
         starting another turn) keeps the partial reply in the history. Beam search cannot stream."""
-        return text_pieces(self._start_turn(text, gen, streaming=True), self.llm.tokenizer)
+        return text_pieces(self._start_turn(text, gen, streaming=True), self.tokenizer)
 
     def _start_turn(self, text: str, gen: dict, streaming: bool) -> Iterator[int]:
         """Check everything now; return the generator that decodes the reply and records the turn."""
@@ -163,13 +115,11 @@ class ChatSession:
         options = GenerationOptions.from_kwargs(gen)
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the message is empty: type something to ask")
-        if IMAGE_MARK in text:
-            raise ValueError(f"the message contains {IMAGE_MARK!r}, which marks the image internally: rephrase it")
         if streaming and options.num_beams > 1:
             raise ValueError("beam search cannot stream: use num_beams=1, or ask() for a beam-search reply")
         self._close_active()
         text = text.strip()
-        ids = self.format.token_ids(self._messages(text), self.model.num_visual)
+        ids = self.format.token_ids(self._messages(text), self.pipe.model.num_visual)
         self._check_context(len(ids), options)
         self._active = self._turn(text, ids, options, streaming)
         return self._active
@@ -190,7 +140,7 @@ class ChatSession:
         self._record(text, reply)
 
     def _record(self, text: str, reply: list[int]) -> None:
-        reply_text = self.llm.tokenizer.decode(reply, skip_special_tokens=True).strip()
+        reply_text = self.tokenizer.decode(reply)
         self._turns += [("user", text), ("assistant", reply_text)]
         self.last_stats.generated_tokens = len(reply)
         self._active = None
@@ -221,7 +171,7 @@ class ChatSession:
             self._cached_ids = held + [token]
             return logits
 
-        yield from decode_loop(first, feed, options, self.llm.eos_token_id)
+        yield from decode_loop(first, feed, options, self.tokenizer.eos_token_id)
 
     @torch.no_grad()
     def _recomputed_tokens(self, ids: list[int], options: GenerationOptions, streaming: bool) -> Iterator[int]:
@@ -231,10 +181,10 @@ class ChatSession:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         self.last_stats = TurnStats(len(ids), 0, len(ids))
         if streaming:
-            yield from stream_tokens(self.llm, embeds, mask, options)
+            yield from stream_tokens(self.llm, embeds, mask, options, self.tokenizer.eos_token_id)
             return
         with options.seeded(embeds.device):
-            out = self.llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(self.llm))
+            out = self.llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(self.tokenizer))
         new = out[0, 1:] if self.llm.is_encoder_decoder else out[0]  # T5's output starts with the decoder start token
         yield from new.tolist()
 
@@ -248,8 +198,9 @@ class ChatSession:
 
     @torch.no_grad()
     def _encode_image(self) -> Tensor:
-        pixel_values = self.model.pixel_values([self.image])
-        return self.model.soft_prompt(self.model.image_features(pixel_values))[0]  # [Q, H_llm]
+        model = self.pipe.model
+        features = model.image_features(self.pipe.pixel_values([self.image]))  # [1, N, D]
+        return model.soft_prompt(features, *self.pipe.qformer_prompt_ids([""]))[0]  # [V, H_llm]
 
     def _embed(self, ids: list[int], visual: Tensor) -> Tensor:
         """A conversation's token list -> input embeddings [1, L, H]; IMAGE_ID positions take the visual rows."""
@@ -260,7 +211,7 @@ class ChatSession:
         return embeds[None]
 
     def _check_context(self, length: int, options: GenerationOptions) -> None:
-        limit = context_length(self.llm)
+        limit = self.llm.context_length()
         if limit is not None and length + options.max_new_tokens > limit:
             raise ValueError(
                 f"the conversation is {length} tokens; with max_new_tokens={options.max_new_tokens} it exceeds the "

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.generation import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
+from blip2.data.text import LLMTokenizer
 from blip2.models.language import FrozenLLM
 
 
@@ -68,11 +69,12 @@ class GenerationOptions:
             raise TypeError(f"unknown generation option(s) {unknown}; known: {known}{hint}")
         return cls(**gen)
 
-    def hf_kwargs(self, llm: FrozenLLM) -> dict:
+    def hf_kwargs(self, tokenizer: LLMTokenizer) -> dict:
         """The same choice expressed as transformers ``generate`` arguments."""
         kwargs = dict(
             max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
-            repetition_penalty=self.repetition_penalty, eos_token_id=llm.eos_token_id, pad_token_id=llm.pad_token_id,
+            repetition_penalty=self.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
@@ -210,7 +212,9 @@ class EncoderDecoderRunner:
 
 
 @torch.no_grad()
-def stream_tokens(llm: FrozenLLM, embeds: Tensor, mask: Tensor, options: GenerationOptions) -> Iterator[int]:
+def stream_tokens(
+    llm: FrozenLLM, embeds: Tensor, mask: Tensor, options: GenerationOptions, eos_token_id: int | None
+) -> Iterator[int]:
     """New tokens for one prompt (``embeds`` [1, L, H], ``mask`` [1, L] all ones), decoded with a fresh cache."""
     if llm.is_encoder_decoder:
         runner = EncoderDecoderRunner(llm, embeds, mask)
@@ -218,7 +222,7 @@ def stream_tokens(llm: FrozenLLM, embeds: Tensor, mask: Tensor, options: Generat
     else:
         runner = DecoderRunner(llm)
         first = runner.feed(embeds)
-    yield from decode_loop(first, runner.feed_token, options, llm.eos_token_id)
+    yield from decode_loop(first, runner.feed_token, options, eos_token_id)
 
 
 _LAST_SPACE = re.compile(r"\s(?=\S*$)")
@@ -233,7 +237,7 @@ class TextPieces:
     Leading and trailing whitespace is dropped, so the pieces join to ``decode(ids).strip()``.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: LLMTokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.shown = ""
@@ -250,7 +254,7 @@ class TextPieces:
         return self._release(self.text())
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+        return self.tokenizer.decode(self.ids)
 
     def _release(self, ready: str) -> str:
         if len(ready) <= len(self.shown):
@@ -259,7 +263,7 @@ class TextPieces:
         return piece
 
 
-def text_pieces(tokens: Iterator[int], tokenizer) -> Iterator[str]:
+def text_pieces(tokens: Iterator[int], tokenizer: LLMTokenizer) -> Iterator[str]:
     """Printable pieces of the text that ``tokens`` spell, as they arrive (see ``TextPieces``).
 
     Closing this iterator closes ``tokens`` too (when it is a generator), so whatever produces them learns that

@@ -21,34 +21,35 @@ from blip2.infer.decoding import GenerationOptions, next_token
 from blip2.models.qformer import KVCache, QFormer
 
 if TYPE_CHECKING:
-    from blip2.models.blip2 import Blip2Model
+    from blip2.pipeline import Blip2Pipeline
 
 Hypothesis = tuple[list[int], float]  # generated token ids ([SEP] excluded), length-normalised log-probability
 
 
-def qformer_caption(model: "Blip2Model", images: Images, batch_size: int, options: GenerationOptions) -> list[str]:
+def qformer_caption(pipe: "Blip2Pipeline", images: Images, batch_size: int, options: GenerationOptions) -> list[str]:
     """One caption per image, ``batch_size`` images at a time."""
     images = as_image_list(images)
     captions: list[str] = []
     for where in batch_slices(len(images), batch_size):
-        captions += qformer_generate(model, model.image_features(pixel_batch(model, images, where)), options)
+        captions += qformer_generate(pipe, pipe.model.image_features(pixel_batch(pipe, images, where)), options)
     return captions
 
 
 @torch.no_grad()
-def qformer_generate(model: "Blip2Model", features: Tensor, options: GenerationOptions) -> list[str]:
+def qformer_generate(pipe: "Blip2Pipeline", features: Tensor, options: GenerationOptions) -> list[str]:
     """Frozen image features [B, N, D] -> one caption per image."""
-    if model.tokenizer.bos_token_id is None or model.tokenizer.sep_token_id is None:
+    model, tokenizer = pipe.model, pipe.qformer_tokenizer
+    if tokenizer.bos_token_id is None or tokenizer.sep_token_id is None:
         raise ValueError(
             "the Q-Former tokenizer needs [DEC] as its BOS token and a [SEP] token: build it with "
             "blip2.weights.bert.load_tokenizer"
         )
     cache = model.query_states(features, use_cache=True).cache  # per layer [B, heads, Q, d]
     if options.num_beams > 1:
-        token_lists = [ids for ids, _ in beam_search(model.qformer, cache, model.tokenizer, options)]
+        token_lists = [ids for ids, _ in beam_search(model.qformer, cache, tokenizer, options)]
     else:
-        token_lists = sample(model.qformer, cache, model.tokenizer, options)
-    return [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_lists]
+        token_lists = sample(model.qformer, cache, tokenizer, options)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_lists]
 
 
 def step(qformer: QFormer, tokens: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:

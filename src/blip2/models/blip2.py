@@ -10,38 +10,24 @@ Data flow (shapes for batch B, image tokens N, queries Q)::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
 
 from blip2.config import Blip2Config, ConfigError
-from blip2.data.images import load_image
-from blip2.infer import embeddings, generation
-from blip2.infer.batching import ImageInput, Images
-from blip2.infer.chat import ChatSession
-from blip2.infer.decoding import GenerationOptions
-from blip2.infer.qformer_generation import qformer_caption
 from blip2.models.language import FrozenLLM
 from blip2.models.qformer import QFormer
 from blip2.models.vision import ImageEncoder
-from blip2.weights.checkpoint import save_checkpoint
-from blip2.weights.hf import export_hf
 
 
 class Blip2Model(nn.Module):
-    """The whole model. Only the Q-Former, ``vision_norm`` and the projections/heads train."""
+    """The whole network. Only the Q-Former, ``vision_norm`` and the projections/heads train.
 
-    def __init__(
-        self,
-        cfg: Blip2Config,
-        vision: ImageEncoder,
-        tokenizer: PreTrainedTokenizerBase,
-        llm: FrozenLLM | None = None,
-    ):
+    Pure: tensors in, tensors out. Tokenizers, preprocessing and what users call live on the pipeline
+    (``blip2.pipeline``); ``dec_token_id`` is the Q-Former vocabulary's ``[DEC]``, the BOS its ITG decodes from.
+    """
+
+    def __init__(self, cfg: Blip2Config, vision: ImageEncoder, dec_token_id: int, llm: FrozenLLM | None = None):
         super().__init__()
         self.cfg = cfg
         self.vision = vision
@@ -50,7 +36,7 @@ class Blip2Model(nn.Module):
             with torch.no_grad():
                 self.vision_norm.weight[-vision.position_channels:] = cfg.vision_norm_position_gain
         self.qformer = QFormer(cfg.qformer)
-        self.tokenizer = tokenizer
+        self.dec_token_id = dec_token_id
         hidden = cfg.qformer.hidden_size
         self.vision_proj = nn.Linear(hidden, cfg.qformer.embed_dim)
         self.text_proj = nn.Linear(hidden, cfg.qformer.embed_dim)
@@ -81,19 +67,7 @@ class Blip2Model(nn.Module):
     def device(self) -> torch.device:
         return self.temp.device
 
-    def save(self, directory: str | Path) -> Path:
-        """Config + trainable weights (safetensors); the frozen parts are named by the config, not copied."""
-        return save_checkpoint(self, directory)
-
-    def export_hf(self, directory: str | Path) -> Path:
-        """A full, self-contained transformers Blip2 directory (frozen parts included)."""
-        return export_hf(self, directory)
-
     # ---- image side -----------------------------------------------------------------------------------
-
-    def pixel_values(self, images: Sequence[ImageInput]) -> Tensor:
-        """PIL images or paths -> [B, 3, H, W] with the encoder's own preprocessing."""
-        return self.vision.preprocess([load_image(im) for im in images]).to(self.device, self.vision_dtype)
 
     @property
     def vision_dtype(self) -> torch.dtype:
@@ -129,17 +103,9 @@ class Blip2Model(nn.Module):
         image_embeds = self.vision_norm(features.to(self.vision_norm.weight.dtype))
         return self.qformer(image_embeds, input_ids, attention_mask, mode="bidirectional").queries
 
-    def tokenize_text(self, texts: Sequence[str], max_len: int | None = None) -> tuple[Tensor, Tensor]:
-        """Q-Former text ([CLS] ... [SEP]) -> input_ids, attention_mask [B, T]."""
-        tok = self.tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=max_len or self.cfg.qformer.max_text_len,
-            return_tensors="pt",
-        )
-        return tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
-
     # ---- stage 2 ----------------------------------------------------------------------------------------
 
-    def _require_llm(self) -> FrozenLLM:
+    def require_llm(self) -> FrozenLLM:
         if self.llm is None:
             raise RuntimeError("this is a stage-1 model (no LLM): load a stage-2 model to generate text with an LLM")
         return self.llm
@@ -153,16 +119,16 @@ class Blip2Model(nn.Module):
         """A visual prompt [B, V, H_llm] (``soft_prompt``) -> its projected queries [B, Q, H_llm], without a leading BOS."""
         return prompt[:, prompt.shape[1] - self.qformer.num_queries:]
 
-    def soft_prompt(self, features: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
-        """Frozen image features [B, N, D] -> the LLM-space visual prompt [B, V, H_llm] (V = ``num_visual``:
-        the projected queries, led by the BOS embedding when ``llm.bos_before_image``). With
-        ``llm.prompt_to_qformer`` the queries also read each row's text prompt (None: no prompt, as for captions)."""
-        llm = self._require_llm()
+    def soft_prompt(self, features: Tensor, prompt_ids: Tensor | None = None, prompt_mask: Tensor | None = None) -> Tensor:
+        """Frozen image features [B, N, D] -> the LLM-space visual prompt [B, V, H_llm] (V = ``num_visual``: the
+        projected queries, led by the BOS embedding when ``llm.bos_before_image``). With ``llm.prompt_to_qformer``
+        the queries also read each row's text prompt as Q-Former ids/mask [B, T] (for no prompt, the ids of "")."""
+        llm = self.require_llm()
         if self.cfg.llm.prompt_to_qformer:
-            texts = [""] * len(features) if prompts is None else list(prompts)
-            if len(texts) != len(features):
-                raise ValueError(f"{len(texts)} prompts for {len(features)} images: give one per image")
-            queries = self.joint_queries(features, *self.tokenize_text(texts))  # [B, Q, H]
+            if prompt_ids is None or len(prompt_ids) != len(features):
+                raise ValueError("a model whose Q-Former reads the prompt (llm.prompt_to_qformer) needs one "
+                                 "tokenized prompt per image")
+            queries = self.joint_queries(features, prompt_ids, prompt_mask)  # [B, Q, H]
         else:
             queries = self.query_states(features).queries  # [B, Q, H]
         prompt = self.llm_proj(queries).to(llm.dtype)  # [B, Q, H_llm]
@@ -179,17 +145,18 @@ class Blip2Model(nn.Module):
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         features: Tensor | None = None,
-        prompts: Sequence[str] | None = None,
+        prompt_ids: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
     ) -> Tensor:
         """LLM logits for the text positions.
 
         Decoder-only: ``input_ids`` [B, T] is the text (BOS included, no image placeholders) -> [B, T, V].
         Encoder-decoder: ``input_ids`` is the encoder text and ``decoder_input_ids`` [B, S] the decoder's -> [B, S, V].
-        ``features`` (cached frozen-encoder outputs [B, N, D]) may replace ``pixel_values``; ``prompts``: the
-        text prompts the Q-Former reads with ``llm.prompt_to_qformer``.
+        ``features`` (cached frozen-encoder outputs [B, N, D]) may replace ``pixel_values``; ``prompt_ids``/``mask``:
+        the Q-Former ids of the text prompts it reads with ``llm.prompt_to_qformer``.
         """
         features = self.image_features(pixel_values) if features is None else features
-        prompt = self.soft_prompt(features, prompts)  # [B, V, H_llm]
+        prompt = self.soft_prompt(features, prompt_ids, prompt_mask)  # [B, V, H_llm]
         return self.text_logits(prompt, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
 
     def text_logits(
@@ -201,7 +168,7 @@ class Blip2Model(nn.Module):
         decoder_attention_mask: Tensor | None = None,
     ) -> Tensor:
         """``forward`` from an already computed visual prompt [B, Q, H_llm] (``soft_prompt``)."""
-        llm = self._require_llm()
+        llm = self.require_llm()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = torch.cat([prompt, llm.embed(input_ids)], dim=1)  # [B, Q + T, H_llm]
@@ -216,84 +183,3 @@ class Blip2Model(nn.Module):
             return out.logits
         # the LM head runs on the text positions only (the last T): the query positions' logits are never used
         return llm.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1]).logits
-
-    def prompt_inputs(
-        self, features: Tensor, prompts: Sequence[str], max_len: int | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The LLM input for generation, ``[visual prompt ; BOS + prompt]`` (decoder-only, left padded) or
-        ``[visual prompt ; prompt + EOS]`` (encoder-decoder) -> (embeds [B, Q + T, H_llm], mask [B, Q + T]).
-
-        Prompts are cut to ``max_len`` tokens (BOS/EOS included; default ``cfg.llm.max_text_len``, the training
-        length); the inference methods check lengths first and pass a limit that cuts nothing.
-        """
-        llm = self._require_llm()
-        visual = self.soft_prompt(features, prompts)  # [B, V, H_llm]
-        decoder_only = not llm.is_encoder_decoder
-        max_len = max_len or self.cfg.llm.max_text_len
-        ids, mask = llm.tokenize(
-            prompts, max_len, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only
-        )  # [B, T]
-        ids, mask = ids.to(visual.device), mask.to(visual.device)
-        embeds = torch.cat([visual, llm.embed(ids)], dim=1)
-        return embeds, torch.cat([torch.ones(visual.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
-
-    # ---- inference: what users call (docs/inference.md) ------------------------------------------------------
-    # Images are PIL images or paths (one or a sequence; pixel values [B, 3, H, W] work too); every method
-    # batches internally. ``**gen`` are the fields of ``blip2.infer.decoding.GenerationOptions``.
-
-    def generate(
-        self, images: Images, prompts: str | Sequence[str] | None = None, batch_size: int = 8, **gen
-    ) -> list[str]:
-        """Text for each image, conditioned on a prompt per image (or one for all; None: no prompt).
-
-        Greedy by default; ``num_beams`` for beam search, ``do_sample`` (with ``temperature``, ``top_p``,
-        ``top_k``) for sampling; ``max_new_tokens`` (30). A prompt too long for the LLM raises ValueError.
-        """
-        return generation.generate(self, images, prompts, batch_size, GenerationOptions.from_kwargs(gen))
-
-    def stream(self, image: ImageInput, prompt: str | None = None, **gen) -> Iterator[str]:
-        """``generate`` for one image, as text pieces while they are decoded (greedy or sampling)."""
-        return generation.stream(self, image, prompt, GenerationOptions.from_kwargs(gen))
-
-    def caption(self, images: Images, prompt: str | None = None, batch_size: int = 8, **gen) -> list[str]:
-        """A caption per image; ``prompt`` (e.g. "a photo of") is a prefix the caption continues."""
-        return self.generate(images, prompt, batch_size, **gen)
-
-    def answer(
-        self,
-        images: Images,
-        questions: str | Sequence[str],
-        prompt_template: str | None = None,
-        batch_size: int = 8,
-        **gen,
-    ) -> list[str]:
-        """Short answers: one question per image (or one for all, or one image for all questions).
-
-        Each question goes into the paper's prompt, "Question: {} Answer:" (decoder-only) or
-        "Question: {} Short answer:" (encoder-decoder), unless ``prompt_template`` (with one ``{}``) says otherwise.
-        """
-        options = GenerationOptions.from_kwargs(gen)
-        return generation.answer(self, images, questions, prompt_template, batch_size, options)
-
-    def chat(self, image: ImageInput, system: str | None = None, cache: bool = True) -> ChatSession:
-        """A multi-turn conversation about ``image`` that encodes it once and keeps the LLM's key/value cache."""
-        return ChatSession(self, image, system=system, cache=cache)
-
-    def image_embeddings(self, images: Images, batch_size: int = 32) -> Tensor:
-        """Normalised ITC embeddings [B, Q, 256], one per query (image-text similarity = max over queries)."""
-        return embeddings.image_embeddings(self, images, batch_size)
-
-    def text_embeddings(self, texts: str | Sequence[str], batch_size: int = 64) -> Tensor:
-        """Normalised ITC embeddings [B, 256] of the texts ([CLS] through ``text_proj``)."""
-        return embeddings.text_embeddings(self, texts, batch_size)
-
-    def itm(self, images: Images, texts: str | Sequence[str], batch_size: int = 32) -> Tensor:
-        """Image-text match probabilities [B] (softmax of the ITM head, class 1) for pairs (image i, text i)."""
-        return embeddings.itm(self, images, texts, batch_size)
-
-    def qformer_caption(self, images: Images, batch_size: int = 8, **gen) -> list[str]:
-        """Captions from the Q-Former alone ([DEC]-started generation against the cached queries; no LLM needed).
-
-        Greedy, sampling or beam search (``num_beams``); stops at [SEP] or after ``max_new_tokens``.
-        """
-        return qformer_caption(self, images, batch_size, GenerationOptions.from_kwargs(gen))

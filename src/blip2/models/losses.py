@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from blip2.data.text import IGNORE
+from blip2.distributed import get_rank, get_world_size
+
 LABEL_SMOOTHING = 0.1
-IGNORE = -100
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def batch_sizes(local: int, device: torch.device) -> list[int]:
     """Every rank's batch size (they differ when a rank's collate dropped unreadable images)."""
-    if world()[1] == 1:
+    if get_world_size() == 1:
         return [local]
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world()[1])]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(get_world_size())]
     dist.all_gather(sizes, torch.tensor([local], device=device))
     return [int(n) for n in sizes]
 
@@ -34,7 +27,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:
-        rank, _ = world()
+        rank = get_rank()
         padded = x.new_zeros(max(sizes), *x.shape[1:])
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in sizes]
@@ -52,14 +45,14 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """All-gather along dim 0 keeping the autograd path to every rank's rows (LAVIS's ITC gather drops it)."""
-    if world()[1] == 1:
+    if get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x, sizes or batch_sizes(x.shape[0], x.device))
 
 
 def row_offset(sizes: list[int]) -> int:
     """Where this rank's rows start in a gathered batch."""
-    return sum(sizes[: world()[0]])
+    return sum(sizes[: get_rank()])
 
 
 def itc_similarities(image_feats: Tensor, text_feat: Tensor, image_all: Tensor, text_all: Tensor, temp: Tensor):
@@ -118,7 +111,7 @@ def itm_loss(model, image_embeds: Tensor, ids: Tensor, mask: Tensor, sim_i2t, si
 
 def _gather_padded_text(ids: Tensor, mask: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
     """Gather token ids/masks whose lengths differ across ranks: pad to the longest first."""
-    if world()[1] == 1:
+    if get_world_size() == 1:
         return ids, mask
     lengths = batch_sizes(ids.shape[1], ids.device)
     pad = max(lengths) - ids.shape[1]
@@ -129,7 +122,7 @@ def _gather_padded_text(ids: Tensor, mask: Tensor, sizes: list[int]) -> tuple[Te
 def itg_loss(model, query_cache, ids: Tensor, mask: Tensor) -> Tensor:
     """Image-grounded generation: text after [DEC] decoded against the queries' cached keys/values."""
     dec_ids = ids.clone()
-    dec_ids[:, 0] = model.tokenizer.bos_token_id  # [DEC] replaces [CLS]
+    dec_ids[:, 0] = model.dec_token_id  # [DEC] replaces [CLS]
     text = model.qformer(input_ids=dec_ids, text_mask=mask, mode="causal", past=query_cache).text  # [B, T, H]
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)  # position t predicts token t + 1
     scored = labels != IGNORE
@@ -213,16 +206,14 @@ def text_losses(model, prompt: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor
     return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
 
 
-def stage2_losses(
-    model, features: Tensor, batch: dict[str, Tensor], prompts: Sequence[str] | None = None
-) -> dict[str, Tensor]:
+def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """Language modelling on the text only (queries, prompt and padding are ignored), ``features`` [B, N, D]
-    -> {"loss", "prompt_spread"}; the loss is the mean over the batch's target tokens. ``prompts``: each row's
-    text prompt, which the Q-Former reads with ``llm.prompt_to_qformer``.
+    -> {"loss", "prompt_spread"}; the loss is the mean over the batch's target tokens.
 
     ``batch``: decoder-only: ``input_ids``, ``attention_mask``, ``labels`` [B, T];
-    encoder-decoder: also ``decoder_input_ids``, ``decoder_attention_mask``, with ``labels`` [B, S] for the decoder.
+    encoder-decoder: also ``decoder_input_ids``, ``decoder_attention_mask``, with ``labels`` [B, S] for the decoder;
+    with ``llm.prompt_to_qformer`` also ``prompt_ids``/``prompt_mask``, each row's prompt as the Q-Former reads it.
     """
-    prompt = model.soft_prompt(features, prompts)  # [B, V, H_llm]
+    prompt = model.soft_prompt(features, batch.get("prompt_ids"), batch.get("prompt_mask"))  # [B, V, H_llm]
     summed, tokens = text_losses(model, prompt, batch)
     return {"loss": summed.sum() / tokens.sum(), "prompt_spread": prompt_spread(model.prompt_queries(prompt))}

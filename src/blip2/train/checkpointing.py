@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from blip2.config import parse_yaml
-from blip2.weights.checkpoint import read_weights, write_atomically
+from blip2.io import read_safetensors, write_atomically
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -140,9 +140,9 @@ def load_training_checkpoint(directory: str | Path) -> TrainingCheckpoint:
             f"point resume at a folder like <out_dir>/{CHECKPOINTS_DIR}/step-000100, or use resume: auto"
         )
     return TrainingCheckpoint(
-        model=read_weights(directory / MODEL_FILE),
-        optimizer=read_weights(directory / OPTIMIZER_FILE),
-        rng=read_weights(directory / RNG_FILE),
+        model=read_safetensors(directory / MODEL_FILE),
+        optimizer=read_safetensors(directory / OPTIMIZER_FILE),
+        rng=read_safetensors(directory / RNG_FILE),
         state=json.loads((directory / STATE_FILE).read_text()),
         config=parse_yaml((directory / CONFIG_FILE).read_text()),
     )

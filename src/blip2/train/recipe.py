@@ -22,14 +22,20 @@ from typing import Any
 import yaml
 from torch.utils.data import ConcatDataset
 
-from blip2.api import build_model
-from blip2.config import Blip2Config, ConfigError, parse_yaml, read_yaml_mapping
-from blip2.data.datasets import BadImageCounter, check_question_type_repeats, open_dataset
+from blip2.config import Blip2Config, ConfigError, from_mapping, parse_yaml, read_yaml_mapping
+from blip2.data.bad_images import BadImageCounter
+from blip2.data.datasets import open_dataset
 from blip2.data.feature_cache import FeatureCache, encoder_identity
-from blip2.train.distributed import is_main
-from blip2.train.stages import Stage1Collate, Stage2Collate, stage1_step, stage2_step
-from blip2.train.trainer import TrainConfig, Trainer
-from blip2.weights.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state, read_weights, write_atomically
+from blip2.data.records import check_question_type_repeats
+from blip2.data.text import Stage1Collate, Stage2Collate
+from blip2.distributed import is_main
+from blip2.factory import Parts, build
+from blip2.io import read_safetensors, write_atomically
+from blip2.train.config import TrainConfig
+from blip2.train.stages import stage1_step, stage2_step
+from blip2.train.trainer import Trainer
+from blip2.weights.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from blip2.weights.keymap import check_state
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +66,6 @@ class Recipe:
     init: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = Blip2Config.from_dict(self.model)
-        if isinstance(self.data, dict):
-            self.data = DataConfig(**self.data)
-        if isinstance(self.train, dict):
-            self.train = TrainConfig.from_dict(self.train)
         if self.stage not in (1, 2):
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and self.model.llm is None:
@@ -86,14 +86,19 @@ class Recipe:
                               "set data.vqa or remove data.question_type_repeats")
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+        """A recipe from its YAML mapping: every section and value type-checked, errors naming the key."""
+        try:
+            return from_mapping(cls, data, "")
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+
+    @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "Recipe":
         data = read_yaml_mapping(path, "recipe")
         for item in overrides or []:
             apply_override(data, item)
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"{path}: unknown recipe keys {unknown}")
-        return cls(**data)
+        return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "init": self.init, "model": self.model.to_dict(),
@@ -111,7 +116,7 @@ def apply_override(data: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[leaf] = parse_yaml(value)
+    node[leaf] = parse_yaml(value, f"override {item!r}")
 
 
 class MixedDataset(ConcatDataset):
@@ -122,30 +127,32 @@ class MixedDataset(ConcatDataset):
             dataset.set_epoch(epoch)
 
 
-def build_stage_model(recipe: Recipe):
+def build_stage_model(recipe: Recipe) -> Parts:
     """Without ``init``: a fresh (BERT-initialised) Q-Former. With it: the Q-Former of ``init`` (a stage-1 run to
     train on, e.g. a retrieval fine-tune); in stage 2 plus a new LLM projection, or ``init``'s own projection when
     ``init`` is a stage-2 run (e.g. a projection-only first phase)."""
     if recipe.init is None:
         if recipe.stage == 2:
             logger.warning("stage 2 without init: the Q-Former starts from BERT, not from stage-1 representation learning")
-        return build_model(recipe.model)
-    model = build_model(recipe.model, init_qformer=False)
-    state = read_weights(Path(recipe.init) / WEIGHTS_NAME)
+        return build(recipe.model)
+    parts = build(recipe.model, init_qformer=False)
+    model = parts.model
+    state = read_safetensors(Path(recipe.init) / WEIGHTS_NAME)
     expected = {k: v for k, v in model.trainable_state_dict().items() if not k.startswith("llm_proj.")}
     check_state({k: v for k, v in state.items() if not k.startswith("llm_proj.")}, expected, str(recipe.init))
     model.load_state_dict(state, strict=False)  # every stage-1 key checked above; llm_proj too when init has one
-    return model
+    return parts
 
 
-def build_dataset(recipe: Recipe, model):
+def build_dataset(recipe: Recipe, parts: Parts):
     data = recipe.data
+    model, preprocess = parts.model, parts.preprocess
     if data.feature_cache:
-        transform = FeatureCache(data.feature_cache, expect=encoder_identity(model.cfg.vision, model.vision.preprocess))
+        transform = FeatureCache(data.feature_cache, expect=encoder_identity(model.cfg.vision, preprocess, model.vision))
     elif data.augment:
-        transform = model.vision.preprocess.train_transform(hflip=data.hflip)
+        transform = preprocess.train_transform(hflip=data.hflip)
     else:
-        transform = model.vision.preprocess.eval_transform()
+        transform = preprocess.eval_transform()
     parts = [open_dataset(p, transform=transform, task="caption", train=True, image_root=data.image_root,
                           seed=recipe.train.seed, captions_per_image=data.captions_per_image,
                           caption_index=data.caption_index) for p in data.captions]
@@ -154,14 +161,25 @@ def build_dataset(recipe: Recipe, model):
     return parts[0] if len(parts) == 1 else MixedDataset(parts)
 
 
+def stage2_collate(recipe: Recipe, parts: Parts) -> Stage2Collate:
+    llm = parts.model.llm
+    return Stage2Collate(
+        parts.llm_tokenizer, recipe.model.llm.max_text_len, seed=recipe.train.seed,
+        decoder_start_token_id=llm.model.config.decoder_start_token_id if llm.is_encoder_decoder else None,
+        qformer_tokenizer=parts.qformer_tokenizer if recipe.model.llm.prompt_to_qformer else None,
+        qformer_max_len=recipe.model.qformer.max_text_len,
+    )  # fmt: skip
+
+
 def run_recipe(recipe: Recipe) -> Path:
     """Train as the recipe says; returns the final model folder (``out_dir/final``), loadable by ``blip2.load``."""
-    model = build_stage_model(recipe)
-    dataset = build_dataset(recipe, model)
+    parts = build_stage_model(recipe)
+    model = parts.model
+    dataset = build_dataset(recipe, parts)
     if recipe.stage == 1:
-        collate, step = Stage1Collate(model.tokenizer, recipe.model.qformer.max_text_len), stage1_step
+        collate, step = Stage1Collate(parts.qformer_tokenizer, recipe.model.qformer.max_text_len), stage1_step
     else:
-        collate, step = Stage2Collate(model.llm, recipe.model.llm.max_text_len, seed=recipe.train.seed), stage2_step
+        collate, step = stage2_collate(recipe, parts), stage2_step
     out_dir = Path(recipe.train.out_dir)
     bad_images = BadImageCounter(recipe.data.max_bad_images)
     trainer = Trainer(model, step, dataset, recipe.train, collate_fn=collate, batch_hook=bad_images.update)

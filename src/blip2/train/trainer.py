@@ -13,25 +13,21 @@ model, optimizer, grad scaler, every rank's python/numpy/torch/CUDA generator st
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset
 
-from blip2.config import ConfigError, read_yaml_mapping
+from blip2.config import ConfigError
 from blip2.train.checkpointing import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -51,298 +47,29 @@ from blip2.train.checkpointing import (
     set_rng_state,
     step_dir,
 )
-from blip2.train.distributed import (
-    all_gather_json,
-    all_reduce,
+from blip2.distributed import all_gather_json, all_reduce, barrier, is_main, setup_distributed
+from blip2.train.config import TrainConfig
+from blip2.train.logging import RunLogger
+from blip2.train.optim import build_param_groups, lr_factor, scaled_param_groups, set_learning_rates
+from blip2.train.parallel import (
     average_gradients,
-    barrier,
     clip_grad_norm,
     full_tensor,
     gradient_sync,
-    is_distributed,
-    is_main,
-    setup_distributed,
     shard_like,
     wrap_ddp,
     wrap_fsdp,
 )
-from blip2.train.logging import RunLogger
-from blip2.weights.checkpoint import check_state
+from blip2.train.stream import EPOCH_END, BatchStream, batch_size_of, to_device
+from blip2.weights.keymap import check_state
 
 log = logging.getLogger("blip2.train")
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 LossFn = Callable[[nn.Module, Any], dict[str, Tensor]]
-
-
-# ---- configuration ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainConfig:
-    """How to train; saved as YAML in the run folder and in every checkpoint.
-
-    ``batch_size`` is per process; ``precision`` "bf16"/"fp16" autocasts on GPUs (fp16 with a GradScaler); on CPU
-    "bf16" autocasts too (1.4-1.8x faster where the CPU has native bf16) and "fp16" falls back to fp32; "auto" is
-    bf16 where the GPU or CPU computes bf16 natively and fp32 elsewhere; ``save_every`` 0 saves only at the end;
-    ``resume`` is None, "auto" (the newest complete checkpoint in ``out_dir``, if any) or a checkpoint folder;
-    ``fsdp`` shards the model across torchrun processes; ``lr_scales`` maps parameter-name prefixes to multipliers
-    of ``lr`` (the longest matching prefix wins; 0 freezes), e.g. ``{qformer: 0, vision_norm: 0}`` trains only
-    the LLM projection in stage 2 (``scaled_param_groups``).
-    """
-
-    steps: int
-    batch_size: int
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_accum: int = 1
-    clip_grad_norm: float | None = None
-    precision: str = "fp32"
-    save_every: int = 0
-    keep_last: int = 2
-    log_every: int = 10
-    seed: int = 0
-    num_workers: int = 0
-    out_dir: str = "runs/run"
-    resume: str | None = None
-    fsdp: bool = False
-    lr_scales: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "keep_last": 1, "log_every": 1,
-                    "warmup_steps": 0, "save_every": 0, "num_workers": 0, "seed": 0}
-        for name, low in at_least.items():
-            if getattr(self, name) < low:
-                raise ConfigError(f"train.{name} must be >= {low}, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise ConfigError(f"train.clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        bad = {prefix: scale for prefix, scale in self.lr_scales.items() if not prefix or isinstance(scale, bool)
-               or not isinstance(scale, (int, float)) or scale < 0}
-        if bad:
-            raise ConfigError(f"train.lr_scales maps parameter-name prefixes to scales >= 0 (0 freezes), got {bad}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown train keys: {unknown} (known: {sorted(known)})")
-        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data
-                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-        if missing:
-            raise ConfigError(f"train config lacks required keys {missing}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_yaml_mapping(path, "train config"))
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stopped before the bad step touched the weights."""
-
-
-# ---- optimizer and learning-rate schedule -------------------------------------------------------------------------
-
-
-def build_param_groups(model: nn.Module, cfg: TrainConfig,
-                       param_groups: Callable[[nn.Module], list[dict]] | None = None) -> list[dict]:
-    """AdamW groups over the trainable parameters, each with an ``lr_scale`` (default 1).
-
-    ``param_groups(model)`` may split the trainable parameters into groups (e.g. ``{"params": ..., "lr_scale": 10}``);
-    by default there is one. A group that does not set ``weight_decay`` is split in two: parameters with 2+ dims
-    decay by ``cfg.weight_decay``; biases, norm weights and scalars such as ``temp`` (fewer than 2 dims) do not.
-    """
-    names = {id(p): name for name, p in model.named_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no parameter with requires_grad=True: there is nothing to train")
-    groups = param_groups(model) if param_groups is not None else [{"params": trainable}]
-    built, seen = [], set()
-    for i, group in enumerate(groups):
-        params = list(group["params"])
-        for p in params:
-            if not p.requires_grad:
-                raise ValueError(f"param group {i} holds the frozen parameter {names.get(id(p), '?')!r}: "
-                                 "leave frozen parameters out of param_groups")
-            if id(p) in seen:
-                raise ValueError(f"parameter {names.get(id(p), '?')!r} is in more than one param group")
-            seen.add(id(p))
-        options = {"lr_scale": 1.0, **{k: v for k, v in group.items() if k != "params"}}
-        if "weight_decay" in group:
-            built.append({**options, "params": params})
-            continue
-        for decay, members in ((cfg.weight_decay, [p for p in params if p.ndim >= 2]),
-                               (0.0, [p for p in params if p.ndim < 2])):
-            if members:
-                built.append({**options, "weight_decay": decay, "params": members})
-    missing = [names[id(p)] for p in trainable if id(p) not in seen]
-    if missing:
-        raise ValueError(f"trainable parameters in no param group: {missing[:8]} ({len(missing)} in all); "
-                         "add them to param_groups or set requires_grad=False")
-    return built
-
-
-def scaled_param_groups(model: nn.Module, lr_scales: Mapping[str, float]) -> list[dict]:
-    """``TrainConfig.lr_scales`` applied: each trainable parameter takes the scale of the longest prefix of its name
-    (whole dotted parts: "qformer" matches "qformer.layers.0...", not "qformer_x"), 1 if none; a scale of 0 freezes
-    it (``requires_grad=False``, out of the optimizer). Returns param groups for ``build_param_groups``."""
-    names = [name for name, _ in model.named_parameters()]
-    unmatched = [prefix for prefix in lr_scales if not any(_under(name, prefix) for name in names)]
-    if unmatched:
-        tops = sorted({name.split(".")[0] for name in names})
-        raise ConfigError(f"train.lr_scales prefixes {unmatched} match no parameter; names start with {tops}")
-    by_scale: dict[float, list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        prefixes = [prefix for prefix in lr_scales if _under(name, prefix)]
-        scale = float(lr_scales[max(prefixes, key=len)]) if prefixes else 1.0
-        if scale == 0:
-            param.requires_grad_(False)
-        else:
-            by_scale.setdefault(scale, []).append(param)
-    return [{"params": params, "lr_scale": scale} for scale, params in by_scale.items()]
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """The multiplier of ``cfg.lr`` for 0-based optimizer step ``step``: linear warm-up to 1 over ``warmup_steps``,
-    then a cosine decay towards ``min_lr_ratio`` at ``cfg.steps``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
-    """Every group's lr = ``cfg.lr * group["lr_scale"] * lr_factor(step)``; returns the unscaled lr."""
-    lr = cfg.lr * lr_factor(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
-
-
-# ---- data ------------------------------------------------------------------------------------------------------
-
-
-def epoch_batches(num_examples: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's index batches for one epoch, as DistributedSampler + drop_last would deal them.
-
-    One seeded permutation of the whole dataset per epoch, padded by wrapping around to a multiple of ``world``,
-    dealt round-robin to the ranks, cut into full batches (the partial last one is dropped).
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_examples, generator=generator).tolist()
-    order += order[: -len(order) % world]
-    mine = order[rank::world]
-    return [mine[i: i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
-
-
-EPOCH_END = object()  # what BatchStream.next returns when the epoch has no more batches
-
-
-class BatchStream:
-    """This rank's collated batches, epoch after epoch; its position (epoch, batches taken) resumes exactly.
-
-    Every epoch starts with ``dataset.set_epoch(epoch)`` when the dataset has one. A map-style dataset is read in the
-    order of ``epoch_batches``. An IterableDataset must yield this rank's share itself (e.g. webdataset's
-    ``split_by_node``); it is re-iterated every epoch, and resuming mid-epoch reads and drops the batches taken.
-    The loader never draws from the global generators, so the training randomness does not depend on it.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, collate_fn: Callable | None, num_workers: int,
-                 seed: int, rank: int, world: int, pin_memory: bool = False):
-        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
-        self.num_workers, self.seed, self.rank, self.world, self.pin_memory = num_workers, seed, rank, world, pin_memory
-        self.iterable = isinstance(dataset, IterableDataset)
-        if not self.iterable and not epoch_batches(len(dataset), batch_size, 0, seed, rank, world):
-            raise ValueError(f"the dataset has {len(dataset)} examples, fewer than one batch per process "
-                             f"(batch_size {batch_size} x {world} processes): lower batch_size or add data")
-        self.epoch, self.taken = 0, 0
-        self._iterator = None
-
-    def seek(self, epoch: int, batches: int) -> None:
-        """Continue at batch ``batches`` of ``epoch``."""
-        self.epoch, self.taken = epoch, batches
-        self._iterator = self._open()
-
-    def next_epoch(self) -> None:
-        self.epoch, self.taken = self.epoch + 1, 0
-        self._iterator = None
-
-    def next(self) -> Any:
-        """The next collated batch (possibly None or empty when the collate dropped every example), or EPOCH_END."""
-        if self._iterator is None:
-            self._iterator = self._open()
-        batch = next(self._iterator, EPOCH_END)
-        if batch is not EPOCH_END:
-            self.taken += 1
-        return batch
-
-    def _open(self):
-        options = dict(
-            collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch),  # workers' seeds
-        )
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)
-        if not self.iterable:
-            batches = epoch_batches(len(self.dataset), self.batch_size, self.epoch, self.seed, self.rank, self.world)
-            return iter(DataLoader(self.dataset, batch_sampler=batches[self.taken:], **options))
-        iterator = iter(DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True, **options))
-        skipped = sum(1 for _ in itertools.islice(iterator, self.taken))
-        self.taken = skipped  # a position past the end of a shorter epoch means: at its end
-        return iterator
-
-
-def batch_size_of(batch: Any) -> int:
-    """Examples in a collated batch: the leading size of the first tensor in it (depth-first through mappings, lists
-    and tuples); 0 when it holds no tensor at all (None, or a collate that dropped every example and kept only a
-    list of what was bad)."""
-    size = _first_tensor_rows(batch)
-    return 0 if size is None else size
-
-
-def _first_tensor_rows(batch: Any) -> int | None:
-    if isinstance(batch, Tensor):
-        return batch.shape[0] if batch.ndim else 1
-    children = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
-    for child in children:
-        rows = _first_tensor_rows(child)
-        if rows is not None:
-            return rows
-    return None
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Every tensor in a (nested) batch moved to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 # ---- model plumbing -------------------------------------------------------------------------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from blip2.io import read_state_dict
 from blip2.models.qformer import QFormer
-from blip2.weights.keymap import KeyMapError, expand
+from blip2.weights.keymap import KeyMapError, expand_layers
 from blip2.weights.offline import minilm_dir
 
 DEC_TOKEN = "[DEC]"
@@ -60,11 +60,7 @@ def bert_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         file = path / name
         if file.is_file():
-            if file.suffix == ".safetensors":
-                state = load_file(file)
-            else:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            return {k.removeprefix("bert."): v for k, v in state.items()}
+            return {k.removeprefix("bert."): v for k, v in read_state_dict(file).items()}
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
 
 
@@ -77,8 +73,8 @@ def init_qformer_from_bert(qformer: QFormer, name: str) -> None:
     num_layers = qformer.cfg.num_layers
     if num_layers > bert_layers:
         raise KeyMapError(f"{path} has {bert_layers} layers but the Q-Former config asks for {num_layers}")
-    mapping = expand(BERT_TO_QFORMER, num_layers)  # a shallower Q-Former takes the first num_layers layers
-    skipped = set(expand(BERT_TO_QFORMER, bert_layers)) - set(mapping)
+    mapping = expand_layers(BERT_TO_QFORMER, range(num_layers))  # a shallower Q-Former takes the first num_layers layers
+    skipped = set(expand_layers(BERT_TO_QFORMER, range(bert_layers))) - set(mapping)
     unknown = sorted(set(state) - set(mapping) - skipped - set(BERT_UNUSED))
     if unknown:
         raise KeyMapError(f"{path}: unexpected keys for a BERT checkpoint: {unknown[:8]}")

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +28,7 @@ from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
+from blip2.io import write_atomically
 from blip2.weights.offline import cache_dir, smollm2_gguf
 
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -68,20 +66,7 @@ def write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, targ
 
     If another process has put a cache at ``target`` meanwhile, its copy is kept and ours dropped.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        _write_files(model, tokenizer, staging, source)
-        _make_world_readable(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not target.exists():
-                raise
-            # another process finished first: its cache is as good as ours
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    write_atomically(target, lambda folder: _write_files(model, tokenizer, folder, source), replace=False)
 
 
 def verify_cache(target: Path, source: Path) -> None:
@@ -164,13 +149,6 @@ def _write_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fol
         "files": {path.name: path.stat().st_size for path in sorted(folder.iterdir())},
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-
-
-def _make_world_readable(folder: Path) -> None:
-    """Undo mkdtemp's (and safetensors') owner-only modes, so a shared BLIP2_CACHE serves every user."""
-    folder.chmod(0o755)
-    for path in folder.iterdir():
-        path.chmod(0o644)
 
 
 def _untied_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:

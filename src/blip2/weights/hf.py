@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -35,14 +33,10 @@ from torch import Tensor
 from transformers.image_utils import PILImageResampling
 
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from blip2.models.language import llm_from_hf
-from blip2.models.vision import image_encoder_from_hf
-from blip2.weights.bert import load_tokenizer
-from blip2.weights.checkpoint import check_state, write_atomically
-from blip2.weights.keymap import KeyMapError
-
-if TYPE_CHECKING:
-    from blip2.models.blip2 import Blip2Model
+from blip2.data.preprocess import Preprocess
+from blip2.io import write_atomically
+from blip2.models.blip2 import Blip2Model
+from blip2.weights.keymap import KeyMapError, copy_query_ffn_to_text_ffn, load_mapped, qformer_layer_map, with_params
 
 # ---- key maps: transformers module name -> our module name; each entry covers its .weight and .bias --------------
 
@@ -91,31 +85,10 @@ LLM_PREFIX = ("language_model.", "llm.model.")
 # the encoder keeps its own copy of post_layernorm, which forward never applies (vision_norm does that job)
 UNUSED_VISION_KEYS = ("vision.backbone.post_layernorm.weight", "vision.backbone.post_layernorm.bias")
 
-GENERATION_ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2Model")
+GENERATION_ARCHITECTURES = ("Blip2ForConditionalGeneration", Blip2Model)
 RETRIEVAL_ARCHITECTURES = ("Blip2ForImageTextRetrieval",)
 IMAGE_TOKEN = "<image>"
 RESAMPLE = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
-
-
-def expand_layers(template: dict[str, str], layers: Iterable[int]) -> dict[str, str]:
-    """Fill the ``{}`` of every entry with each index in ``layers``."""
-    return {src.format(i): dst.format(i) for i in layers for src, dst in template.items()}
-
-
-def with_params(modules: dict[str, str], params: tuple[str, ...] = ("weight", "bias")) -> dict[str, str]:
-    """Module map -> tensor map: one entry per parameter of each (Linear / LayerNorm) module."""
-    return {f"{src}.{p}": f"{dst}.{p}" for src, dst in modules.items() for p in params}
-
-
-def qformer_layer_map(
-    num_layers: int, cross_attention_freq: int, layer: dict, cross: dict, text_ffn: dict | None
-) -> dict[str, str]:
-    """Per-layer tables expanded over the Q-Former's layers (cross-attention only where it exists)."""
-    modules = expand_layers(layer, range(num_layers))
-    modules |= expand_layers(cross, range(0, num_layers, cross_attention_freq))
-    if text_ffn is not None:
-        modules |= expand_layers(text_ffn, range(num_layers))
-    return modules
 
 
 def hf_key_map(qformer: QFormerConfig, retrieval: bool, text_ffn: bool) -> dict[str, str]:
@@ -134,27 +107,6 @@ def hf_key_map(qformer: QFormerConfig, retrieval: bool, text_ffn: bool) -> dict[
     )
     modules |= RETRIEVAL_HEADS if retrieval else GENERATION_HEAD
     return QUERY_TOKENS | (TEXT_EMBEDDINGS if retrieval else {}) | with_params(modules)
-
-
-def copy_query_ffn_to_text_ffn(state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
-    """Our Q-Former always has a text FFN; a checkpoint without one gets a copy of the query FFN
-    (the two start equal at BLIP-2's BERT initialisation, so this is the closest known starting point)."""
-    names = [f"{part}.{p}" for part in ("up", "down", "norm") for p in ("weight", "bias")]
-    return {
-        f"qformer.layers.{i}.text_ffn.{name}": state[f"qformer.layers.{i}.query_ffn.{name}"].clone()
-        for i in range(num_layers)
-        for name in names
-    }
-
-
-def load_mapped(model: "Blip2Model", state: dict[str, Tensor], where: str) -> None:
-    """Load ``state`` (our key names, a subset of the model) after checking every key exists with its shape."""
-    target = model.state_dict()
-    unknown = sorted(set(state) - set(target))
-    if unknown:
-        raise KeyMapError(f"{where}: the key map produced names this model does not have: {unknown[:8]}")
-    check_state(state, {k: target[k] for k in state}, where)  # shapes
-    model.load_state_dict(state, strict=False)
 
 
 # ---- configs -----------------------------------------------------------------------------------------------------
@@ -285,52 +237,48 @@ def _trainable_state(hf_model: transformers.PreTrainedModel, table: dict[str, st
     return {table[k]: v for k, v in hf_state.items()}
 
 
-def load_hf(path: str | Path) -> "Blip2Model":
-    """A transformers Blip2 directory -> Blip2Model.
-
-    Blip2ForConditionalGeneration (OPT-style or Flan-T5-style text config) gives a stage-2 model;
-    Blip2ForImageTextRetrieval gives a stage-1 model. The vision encoder and LLM are the transformers modules
-    themselves (no copy); the Q-Former and heads are copied through ``hf_key_map``.
-    """
-    from blip2.models.blip2 import Blip2Model  # blip2.models.blip2 imports this module
-
-    path = Path(path)
+def read_hf(path: Path) -> tuple[transformers.PreTrainedModel, bool]:
+    """The transformers model in a Blip2 directory, and whether it is a retrieval (stage-1) model."""
     retrieval = _architecture(path) in RETRIEVAL_ARCHITECTURES
-    hf_model = _read_hf_model(path, retrieval)
+    return _read_hf_model(path, retrieval), retrieval
+
+
+def qformer_tokenizer_name(path: Path, retrieval: bool) -> str:
+    """A retrieval model's Q-Former text side is in the checkpoint, with its own tokenizer when the directory ships
+    one; a generation model's directory tokenizer is the LLM's, so its Q-Former text side starts with MiniLM's."""
+    return str(path) if retrieval and _has_tokenizer(path) else "minilm"
+
+
+def config_from_hf(hf_model: transformers.PreTrainedModel, path: Path, retrieval: bool, qformer_tokenizer,
+                   qformer_tokenizer_name: str) -> Blip2Config:
+    """Our config for a transformers Blip2 model (architecture only; weights are loaded separately)."""
     config = hf_model.config
-    if retrieval:  # the Q-Former's text side is in the checkpoint, with its own tokenizer when the directory ships one
-        qformer_tokenizer = str(path) if _has_tokenizer(path) else "minilm"
-        tokenizer = load_tokenizer(qformer_tokenizer)
-        vocab_size = config.qformer_config.vocab_size
-        llm, llm_cfg = None, None
-    else:  # the directory's tokenizer is the LLM's; the Q-Former's text side starts fresh with the MiniLM vocabulary
-        qformer_tokenizer = "minilm"
-        tokenizer = load_tokenizer(qformer_tokenizer)
-        vocab_size = max(config.qformer_config.vocab_size, len(tokenizer))
-        llm = llm_from_hf(
-            hf_model.language_model, transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        )
-        llm_cfg = LLMConfig(kind="hf", path=str(path), dtype=_dtype_name(llm.dtype))
-    cfg = Blip2Config(
+    vocab_size = config.qformer_config.vocab_size
+    if not retrieval:
+        vocab_size = max(vocab_size, len(qformer_tokenizer))
+    llm = None if retrieval else LLMConfig(kind="hf", path=str(path), dtype=_dtype_name(hf_model.language_model.dtype))
+    return Blip2Config(
         vision=VisionConfig(kind="hf", path=str(path)),
-        qformer=qformer_config_from_hf(config, vocab_size, qformer_tokenizer),
-        llm=llm_cfg,
+        qformer=qformer_config_from_hf(config, vocab_size, qformer_tokenizer_name),
+        llm=llm,
         vision_norm_eps=config.vision_config.layer_norm_eps,
     )
-    model = Blip2Model(cfg, image_encoder_from_hf(hf_model.vision_model), tokenizer, llm)
 
-    text_ffn = bool(config.qformer_config.use_qformer_text_input)  # always for retrieval, rarely for generation
-    state = _trainable_state(hf_model, hf_key_map(cfg.qformer, retrieval, text_ffn), path)
+
+def load_trainable_from_hf(model: Blip2Model, hf_model: transformers.PreTrainedModel, path: Path) -> None:
+    """Copy the Q-Former and heads of ``hf_model`` into ``model`` through ``hf_key_map``."""
+    text_ffn = bool(hf_model.config.qformer_config.use_qformer_text_input)  # always for retrieval, rarely otherwise
+    retrieval = model.llm is None
+    state = _trainable_state(hf_model, hf_key_map(model.cfg.qformer, retrieval, text_ffn), path)
     if not text_ffn:
-        state |= copy_query_ffn_to_text_ffn(state, cfg.qformer.num_layers)
+        state |= copy_query_ffn_to_text_ffn(state, model.cfg.qformer.num_layers)
     load_mapped(model, state, str(path))
-    return model.eval()
 
 
 # ---- export ------------------------------------------------------------------------------------------------------
 
 
-def _vision_backbone(model: "Blip2Model") -> transformers.Blip2VisionModel:
+def _vision_backbone(model: Blip2Model) -> transformers.Blip2VisionModel:
     backbone = getattr(model.vision, "backbone", None)
     if not isinstance(backbone, transformers.Blip2VisionModel):
         raise TypeError(
@@ -340,7 +288,7 @@ def _vision_backbone(model: "Blip2Model") -> transformers.Blip2VisionModel:
     return backbone
 
 
-def hf_state_dict(model: "Blip2Model") -> dict[str, Tensor]:
+def hf_state_dict(model: Blip2Model) -> dict[str, Tensor]:
     """Our state dict in transformers' names (the inverse of ``hf_key_map`` plus the frozen prefixes)."""
     retrieval = model.llm is None
     table = hf_key_map(model.cfg.qformer, retrieval, text_ffn=retrieval)
@@ -353,7 +301,7 @@ def hf_state_dict(model: "Blip2Model") -> dict[str, Tensor]:
     return state
 
 
-def hf_config(model: "Blip2Model", image_token_index: int | None) -> transformers.Blip2Config:
+def hf_config(model: Blip2Model, image_token_index: int | None) -> transformers.Blip2Config:
     """The transformers config of ``model``. The parts' ``dtype`` entries follow their tensors (configs do not track
     ``.to()``); save_pretrained sets the top-level one from the first tensor (the fp32 query tokens)."""
     retrieval = model.llm is None
@@ -373,14 +321,13 @@ def hf_config(model: "Blip2Model", image_token_index: int | None) -> transformer
     )
 
 
-def _image_processor(model: "Blip2Model") -> transformers.BlipImageProcessor:
-    pre = model.vision.preprocess
-    height, width = pre.size
+def _image_processor(preprocess: Preprocess) -> transformers.BlipImageProcessor:
+    height, width = preprocess.size
     return transformers.BlipImageProcessor(
         size={"height": height, "width": width},
-        image_mean=list(pre.mean),
-        image_std=list(pre.std),
-        resample=RESAMPLE[pre.interpolation],
+        image_mean=list(preprocess.mean),
+        image_std=list(preprocess.std),
+        resample=RESAMPLE[preprocess.interpolation],
     )
 
 
@@ -405,13 +352,15 @@ def _make_room_for(hf_model: transformers.PreTrainedModel, token_id: int) -> Non
             table.weight[old:] = 0
 
 
-def export_hf(model: "Blip2Model", directory: str | Path) -> Path:
+def export_hf(model: Blip2Model, tokenizer, preprocess: Preprocess, directory: str | Path) -> Path:
     """A self-contained transformers directory: config.json, model.safetensors, processor and tokenizer files.
 
     A stage-2 model becomes a Blip2ForConditionalGeneration (the processor expands ``<image>`` into
     ``num_query_tokens`` placeholders, added to the LLM tokenizer when missing); a stage-1 model becomes a
     Blip2ForImageTextRetrieval (its processor holds the Q-Former tokenizer). What transformers has no place for
     is left out: the Q-Former's LM head and ``temp``, and for a stage-2 model its whole text side and ITC/ITM heads.
+    ``tokenizer``: the LLM's transformers tokenizer (the Q-Former's for a stage-1 model); ``preprocess``: the
+    encoder's, written as the image processor.
     """
     directory = Path(directory)
     _vision_backbone(model)  # refuse another encoder before any work
@@ -422,7 +371,7 @@ def export_hf(model: "Blip2Model", directory: str | Path) -> Path:
         raise KeyMapError("this model's Q-Former reads the text prompt (llm.prompt_to_qformer), which transformers' "
                           "Blip2 cannot: the export would answer differently")
     retrieval = model.llm is None
-    tokenizer = copy.deepcopy(model.tokenizer if retrieval else model.llm.tokenizer)
+    tokenizer = copy.deepcopy(tokenizer)
     image_token_index = None if retrieval else _image_token(tokenizer)
     config = hf_config(model, image_token_index)
     cls = transformers.Blip2ForImageTextRetrieval if retrieval else transformers.Blip2ForConditionalGeneration
@@ -435,7 +384,7 @@ def export_hf(model: "Blip2Model", directory: str | Path) -> Path:
     if not retrieval:
         _make_room_for(hf_model, image_token_index)
     processor = transformers.Blip2Processor(
-        image_processor=_image_processor(model),
+        image_processor=_image_processor(preprocess),
         tokenizer=tokenizer,
         num_query_tokens=None if retrieval else model.cfg.qformer.num_query_tokens,
     )

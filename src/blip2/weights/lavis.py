@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import transformers
 from torch import Tensor
 
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from blip2.weights.bert import load_tokenizer
-from blip2.weights.hf import copy_query_ffn_to_text_ffn, expand_layers, load_mapped, qformer_layer_map, with_params
-from blip2.weights.keymap import KeyMapError
-
-if TYPE_CHECKING:
-    from blip2.models.blip2 import Blip2Model
+from blip2.io import read_torch_file
+from blip2.models.blip2 import Blip2Model
+from blip2.weights.keymap import (
+    KeyMapError,
+    copy_query_ffn_to_text_ffn,
+    expand_layers,
+    load_mapped,
+    qformer_layer_map,
+    with_params,
+)
 
 # ---- key maps: LAVIS module name -> our module name; each entry covers its .weight and .bias ---------------------
 
@@ -149,14 +152,7 @@ def eva_qkv_bias(q_bias: Tensor, v_bias: Tensor) -> Tensor:
 
 def read_lavis(path: Path) -> dict[str, Tensor]:
     """The ``"model"`` state dict of a LAVIS ``.pth`` (plain tensors only: ``weights_only=True``)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # anything but tensors and plain containers is refused by weights_only
-        raise KeyMapError(
-            f"{path} is not a plain tensor checkpoint (torch.load(weights_only=True) refused it: {err})"
-        ) from err
+    checkpoint = read_torch_file(path)
     state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -218,7 +214,7 @@ def _part(value, cls, name: str):
     raise TypeError(f"{name}= takes a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
 
 
-def _eva_state(state: dict[str, Tensor], model: "Blip2Model", where: Path) -> dict[str, Tensor]:
+def _eva_state(state: dict[str, Tensor], model: Blip2Model, where: Path) -> dict[str, Tensor]:
     """The checkpoint's ``visual_encoder.*`` in our names, for a Blip2VisionModel encoder."""
     backbone = getattr(model.vision, "backbone", None)
     if not isinstance(backbone, transformers.Blip2VisionModel):
@@ -246,36 +242,26 @@ def _eva_state(state: dict[str, Tensor], model: "Blip2Model", where: Path) -> di
     return ours
 
 
-def load_lavis(
-    path: str | Path,
-    vision: VisionConfig | dict | None = None,
-    llm: LLMConfig | dict | None = None,
-    qformer_heads: int = BERT_BASE_HEADS,
-    tokenizer: str = "minilm",
-) -> "Blip2Model":
-    """A LAVIS BLIP-2 ``.pth`` -> Blip2Model; the frozen parts come from the named ``vision`` and ``llm``.
+def lavis_config(
+    state: dict[str, Tensor],
+    path: Path,
+    vision: VisionConfig | dict | None,
+    llm: LLMConfig | dict | None,
+    qformer_heads: int,
+    tokenizer: str,
+    vocab_size: int,
+) -> Blip2Config:
+    """The config of a LAVIS BLIP-2 checkpoint (``state``, from ``read_lavis``) with its frozen parts named.
 
     ``vision`` names the image encoder (for the official checkpoints: ``VisionConfig(kind="hf", path=<a Blip2
     directory>)``, EVA ViT-g); when the checkpoint carries ``visual_encoder.*`` those weights replace the encoder's.
     ``llm`` is required for a stage-2 checkpoint (``opt_proj`` / ``t5_proj``); given with a stage-1 checkpoint it
     starts stage 2 from it, the projection freshly initialised as in LAVIS. ``qformer_heads``: the Q-Former's head
     count (12 for every released checkpoint). ``tokenizer``: the Q-Former's BERT tokenizer ("minilm" has
-    bert-base-uncased's vocabulary).
+    bert-base-uncased's vocabulary) and ``vocab_size`` its size (with [DEC]).
     """
-    from blip2.api import build_model  # blip2.api imports this module lazily
-
-    path = Path(path)
-    state = read_lavis(path)
     vision_cfg, llm_cfg = _part(vision, VisionConfig, "vision"), _part(llm, LLMConfig, "llm")
-    encoder_state = {k: v for k, v in state.items() if k.startswith("visual_encoder.")}
-    state = {k: v for k, v in state.items() if k not in encoder_state}
-    stage1 = "Qformer.bert.embeddings.word_embeddings.weight" in state
-    projection = next((name for name in PROJECTIONS if f"{name}.weight" in state), None)
-    if not stage1 and projection is None:
-        raise KeyMapError(
-            f"{path} has neither the stage-1 text side (Qformer.bert.embeddings.word_embeddings) nor a stage-2 "
-            f"projection ({' / '.join(PROJECTIONS)}): not a LAVIS BLIP-2 checkpoint (keys start {sorted(state)[:5]})"
-        )
+    stage1, projection = _layout(state, path)
     if vision_cfg is None:
         raise ValueError(
             f"{path}: name the frozen image encoder with vision=VisionConfig(...) (for the official checkpoints, "
@@ -286,17 +272,38 @@ def load_lavis(
             f"{path} is a stage-2 checkpoint ({projection}.*): "
             "name its frozen LLM with llm=LLMConfig(kind='hf', path=...)"
         )
+    qformer = qformer_config_from_lavis(_without_encoder(state), path, qformer_heads, vocab_size, tokenizer)
+    return Blip2Config(vision=vision_cfg, qformer=qformer, llm=llm_cfg, vision_norm_eps=LN_VISION_EPS)
 
-    qformer = qformer_config_from_lavis(state, path, qformer_heads, len(load_tokenizer(tokenizer)), tokenizer)
-    model = build_model(
-        Blip2Config(vision=vision_cfg, qformer=qformer, llm=llm_cfg, vision_norm_eps=LN_VISION_EPS), init_qformer=False
-    )
-    if model.cfg.qformer.encoder_width != qformer.encoder_width:
+
+def _without_encoder(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}
+
+
+def _layout(state: dict[str, Tensor], path: Path) -> tuple[bool, str | None]:
+    """(stage 1?, the stage-2 projection's name or None) of a LAVIS checkpoint."""
+    stage1 = "Qformer.bert.embeddings.word_embeddings.weight" in state
+    projection = next((name for name in PROJECTIONS if f"{name}.weight" in state), None)
+    if not stage1 and projection is None:
         raise KeyMapError(
-            f"{path}: the Q-Former's cross-attention reads {qformer.encoder_width}-wide image features, but the named "
-            f"encoder gives {model.cfg.qformer.encoder_width}: name the encoder it was trained with"
+            f"{path} has neither the stage-1 text side (Qformer.bert.embeddings.word_embeddings) nor a stage-2 "
+            f"projection ({' / '.join(PROJECTIONS)}): not a LAVIS BLIP-2 checkpoint (keys start {sorted(state)[:5]})"
         )
+    return stage1, projection
 
+
+def load_lavis_state(model: Blip2Model, state: dict[str, Tensor], path: Path) -> None:
+    """Load a LAVIS checkpoint's tensors into ``model`` (built from ``lavis_config``), checking every key."""
+    encoder_state = {k: v for k, v in state.items() if k.startswith("visual_encoder.")}
+    state = _without_encoder(state)
+    stage1, projection = _layout(state, path)
+    qformer = model.cfg.qformer
+    expected_width = state["Qformer.bert.encoder.layer.0.crossattention.self.key.weight"].shape[1]
+    if qformer.encoder_width != expected_width:
+        raise KeyMapError(
+            f"{path}: the Q-Former's cross-attention reads {expected_width}-wide image features, but the named "
+            f"encoder gives {qformer.encoder_width}: name the encoder it was trained with"
+        )
     table = lavis_key_map(qformer, stage1, projection)
     tied = TIED if stage1 else {}
     missing = sorted(set(table) - set(state))
@@ -317,13 +324,13 @@ def load_lavis(
     if encoder_state:
         ours |= _eva_state(encoder_state, model, path)
     load_mapped(model, ours, str(path))
-    return model.eval()
+    model.eval()
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
 
 
-def lavis_state_dict(model: "Blip2Model", include_vision: bool = False) -> dict[str, Tensor]:
+def lavis_state_dict(model: Blip2Model, include_vision: bool = False) -> dict[str, Tensor]:
     """Our model in LAVIS's names: stage 1 (Blip2Qformer) without an LLM, else stage 2 (opt_proj / t5_proj).
 
     ``include_vision`` adds ``visual_encoder.*`` (a Blip2VisionModel encoder only; its key bias must be zero).
@@ -340,7 +347,7 @@ def lavis_state_dict(model: "Blip2Model", include_vision: bool = False) -> dict[
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def _eva_from_ours(model: "Blip2Model") -> dict[str, Tensor]:
+def _eva_from_ours(model: Blip2Model) -> dict[str, Tensor]:
     backbone = getattr(model.vision, "backbone", None)
     if not isinstance(backbone, transformers.Blip2VisionModel):
         raise TypeError(
@@ -359,7 +366,7 @@ def _eva_from_ours(model: "Blip2Model") -> dict[str, Tensor]:
     return state
 
 
-def save_lavis(model: "Blip2Model", path: str | Path, include_vision: bool = False) -> Path:
+def save_lavis(model: Blip2Model, path: str | Path, include_vision: bool = False) -> Path:
     """Write ``{"model": lavis_state_dict(model)}`` with torch.save (tensors only, loadable with weights_only=True)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

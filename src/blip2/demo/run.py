@@ -6,7 +6,7 @@
    and stage 2 (soft prompt into SmolLM2-135M-Instruct: the projection alone, then with the Q-Former) from the
    recipes in ``recipes/``, each phase starting from the one before;
 4. evaluate retrieval, VQA and captioning on the test and compositional splits, how much stage 2's captions
-   depend on the image (``eval/grounding.py``), and the untrained baseline;
+   depend on the image (``eval/run_grounding.py``), and the untrained baseline;
 5. write a report folder: metrics (JSON + Markdown), training curves, a grid of test images with their captions.
 
 A trained demo model is reused on the next run unless ``retrain``.
@@ -23,17 +23,19 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from blip2.api import build_model, load
-from blip2.data.feature_cache import FeatureCache
-from blip2.data.shapes import ShapesConfig, generate, image_id
-from blip2.eval.grounding import evaluate_grounding
+from blip2.data.feature_cache import FeatureCache, cache_features, encoder_identity
+from blip2.demo.shapes import ShapesConfig, generate, image_id
 from blip2.eval.report import write_report
-from blip2.eval.tasks import evaluate_captioning, evaluate_retrieval, evaluate_vqa_task
-from blip2.train.features import cache_features
+from blip2.eval.run_caption import evaluate_captioning
+from blip2.eval.run_grounding import evaluate_grounding
+from blip2.eval.run_retrieval import evaluate_retrieval
+from blip2.eval.run_vqa import evaluate_vqa_task
+from blip2.factory import build
+from blip2.pipeline import Blip2Pipeline, load
 from blip2.train.plot import plot_run  # also selects matplotlib's file-only backend
 from blip2.train.recipe import Recipe, run_recipe
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # package data
 SPECIFIC_CAPTION = 2  # the shapes world's most specific paraphrase (with sizes and positions): the retrieval query
 # the training phases in order, each started from the one before (recipes/shapes_<phase>.yaml): stage 1, its retrieval
 # fine-tune, then stage 2 with the projection alone and with the whole Q-Former
@@ -84,13 +86,15 @@ def recipe(name: str, cfg: DemoConfig, steps: int | None) -> Recipe:
     return Recipe.load(RECIPES / f"shapes_{name}.yaml", overrides)
 
 
-def cache_covers(features_dir: Path, sizes: dict[str, int]) -> bool:
-    """Whether a feature cache exists and holds every image of the splits the demo trains and evaluates on."""
+def cache_covers(features_dir: Path, sizes: dict[str, int], identity: dict) -> bool:
+    """Whether a feature cache of this encoder (``identity``) holds every image of the splits the demo trains and
+    evaluates on."""
     if not (features_dir / "meta.json").is_file():
         return False
     cache = FeatureCache(features_dir)
-    return all(image_id(split, index) in cache for split in ("train", "test", "compositional")
-               for index in range(sizes[split]))
+    return cache.meta["encoder"] == identity and all(
+        image_id(split, index) in cache for split in ("train", "test", "compositional") for index in range(sizes[split])
+    )
 
 
 def train_stage(name: str, cfg: DemoConfig, steps: int | None, retrain: bool) -> tuple[Path, bool]:
@@ -193,9 +197,11 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     stage1_recipe = recipe("stage1", cfg, cfg.stage1_steps)
     features_dir = root / "features"
-    if not cache_covers(features_dir, cfg.sizes):
-        encoder_only = build_model(stage1_recipe.model, init_qformer=False)
-        cache_features(encoder_only, [str(root / s) for s in ("train", "test", "compositional")], features_dir)
+    encoder_only = build(stage1_recipe.model, init_qformer=False)
+    identity = encoder_identity(encoder_only.model.cfg.vision, encoder_only.preprocess, encoder_only.model.vision)
+    if not cache_covers(features_dir, cfg.sizes, identity):
+        cache_features(encoder_only.model.image_features, identity, encoder_only.preprocess,
+                       [str(root / s) for s in ("train", "test", "compositional")], features_dir)
     clock.done("frozen-feature cache")
 
     steps = {"stage1": cfg.stage1_steps, "retrieval": cfg.retrieval_steps}
@@ -208,7 +214,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     features = FeatureCache(features_dir)
     trained = evaluate_model(load(stage1_dir), load(stage2_dir), cfg, features, cfg.eval_limit)
     clock.done("evaluation")
-    untrained = build_model(recipe("stage2", cfg, None).model)  # MiniLM-initialised Q-Former, random projection
+    untrained = Blip2Pipeline.from_parts(build(recipe("stage2", cfg, None).model))  # MiniLM Q-Former, random projection
     baseline = evaluate_model(untrained, untrained, cfg, features, cfg.baseline_limit)
     clock.done("untrained baseline")
 

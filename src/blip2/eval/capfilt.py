@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from blip2.data.datasets import CAPTION, BadImageCounter
-from blip2.infer.dataset_runs import (
+from blip2.data.bad_images import BadImageCounter
+from blip2.data.records import CAPTION
+from blip2.eval.runs import (
     FeaturesArg,
     batch_features,
     batches,
@@ -34,13 +35,13 @@ from blip2.infer.dataset_runs import (
     open_eval_dataset,
     resolve_features,
     texts_from_features,
-    write_text_atomically,
 )
 from blip2.infer.batching import batch_slices
 from blip2.infer.decoding import GenerationOptions
+from blip2.io import write_text_atomically
 
 if TYPE_CHECKING:
-    from blip2.models.blip2 import Blip2Model
+    from blip2.pipeline import Blip2Pipeline
 
 SCORES = ("itm", "itc")
 CAPFILT_GENERATION = {"do_sample": True, "top_p": 0.9, "seed": 0}  # BLIP's nucleus sampling; reproducible by default
@@ -59,37 +60,38 @@ class Candidate:
 
 
 def pair_scores(
-    model: "Blip2Model", features: Tensor, rows: list[int], texts: list[str], batch_size: int
+    pipe: "Blip2Pipeline", features: Tensor, rows: list[int], texts: list[str], batch_size: int
 ) -> tuple[Tensor, Tensor]:
     """ITC cosine and ITM P(match), each [P] float32 on the CPU, of the pairs (image ``rows[p]`` of ``features``
     [B, N, D], ``texts[p]``), ``batch_size`` pairs at a time."""
+    model = pipe.model
     image_embeds = model.image_embeds_itc(model.query_states(features).queries)  # [B, Q, E]
     itc, itm = [torch.empty(0)], [torch.empty(0)]
     for where in batch_slices(len(texts), batch_size):
         index = torch.tensor(rows[where], device=features.device)  # [p]
-        ids, mask = model.tokenize_text(texts[where])  # [p, T]
+        ids, mask = pipe.tokenize_text(texts[where])  # [p, T]
         text_embeds = model.text_embeds_itc(ids, mask)  # [p, E]
         itc.append(torch.einsum("pqe,pe->pq", image_embeds[index], text_embeds).amax(dim=1).float().cpu())  # [p]
         itm.append(model.itm_logits(features[index], ids, mask).softmax(dim=-1)[:, 1].float().cpu())  # [p]
     return torch.cat(itc), torch.cat(itm)
 
 
-def synthetic_captions(model: "Blip2Model", features: Tensor, num_captions: int, prompt: str | None,
+def synthetic_captions(pipe: "Blip2Pipeline", features: Tensor, num_captions: int, prompt: str | None,
                        options: GenerationOptions) -> list[list[str]]:
     """``num_captions`` sampled captions for each image of ``features`` [B, N, D], all in one generation call."""
     if not num_captions:
         return [[] for _ in features]
     prompts = [prompt] * (len(features) * num_captions) if prompt else None
-    texts = texts_from_features(model, features.repeat_interleave(num_captions, 0), prompts, options)  # image-major
+    texts = texts_from_features(pipe, features.repeat_interleave(num_captions, 0), prompts, options)  # image-major
     return [texts[i * num_captions:(i + 1) * num_captions] for i in range(len(features))]
 
 
 def score_candidates(
-    model: "Blip2Model", features: Tensor, listed: list[list[tuple[str, str]]], batch_size: int
+    pipe: "Blip2Pipeline", features: Tensor, listed: list[list[tuple[str, str]]], batch_size: int
 ) -> list[list[Candidate]]:
     """Each image's (text, source) pairs scored against that image (row of ``features`` [B, N, D])."""
     rows = [image for image, pairs in enumerate(listed) for _ in pairs]
-    itc, itm = pair_scores(model, features, rows, [text for pairs in listed for text, _ in pairs], batch_size)
+    itc, itm = pair_scores(pipe, features, rows, [text for pairs in listed for text, _ in pairs], batch_size)
     scores = iter(zip(itc.tolist(), itm.tolist()))
     return [[Candidate(text, source, *next(scores)) for text, source in pairs] for pairs in listed]
 
@@ -129,7 +131,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def capfilt(
-    model: "Blip2Model",
+    pipe: "Blip2Pipeline",
     data: str | Path,
     out_manifest: str | Path,
     num_captions: int = 3,
@@ -156,8 +158,9 @@ def capfilt(
     _check_rule(score, threshold, keep, num_captions)
     options = GenerationOptions.from_kwargs({**CAPFILT_GENERATION, **gen})
     out_manifest = Path(out_manifest)
-    cache = resolve_features(model, features)
-    dataset = open_eval_dataset(model, data, CAPTION, cache, image_root)
+    model = pipe.model
+    cache = resolve_features(pipe, features)
+    dataset = open_eval_dataset(pipe, data, CAPTION, cache, image_root)
     records = {record.image_id: record for record in dataset.records}
     counter = BadImageCounter()
     rows: list[dict[str, Any]] = []
@@ -167,11 +170,11 @@ def capfilt(
     with eval_mode(model):
         for batch in batches(dataset, limit, batch_size, "capfilt", progress, counter):
             feats = batch_features(model, batch, cache is not None)  # [B, N, D]
-            synthetic = synthetic_captions(model, feats, num_captions, prompt, options)
+            synthetic = synthetic_captions(pipe, feats, num_captions, prompt, options)
             listed = [_candidates(records[image_id].captions, texts)
                       for image_id, texts in zip(batch["image_id"], synthetic)]
             images += len(listed)
-            for image_id, candidates in zip(batch["image_id"], score_candidates(model, feats, listed, batch_size)):
+            for image_id, candidates in zip(batch["image_id"], score_candidates(pipe, feats, listed, batch_size)):
                 chosen = select(candidates, score, threshold, keep)
                 scored += candidates
                 kept += chosen

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blip2.eval.retrieval import best_positive_rank, recall_at_k, rerank_topk
+from blip2.eval.retrieval_metrics import best_positive_rank, recall_at_k, rerank_topk
 
 
 def scores_placing_positive_at(ranks, positives):

@@ -1,13 +1,11 @@
-"""Running a model over a dataset: batches of images (or cached features), generation from features, atomic writes.
+"""Running a model over a dataset: batches of images (or cached features), generation from features.
 
-Shared by dataset-level evaluation (``eval/tasks.py``) and CapFilt (``infer/capfilt.py``).
+Shared by the evaluation runners (``eval/run_*.py``) and CapFilt (``eval/capfilt.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,20 +15,23 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from blip2.data.datasets import BadImageCounter, CaptionDataset, DatasetFormatError, VQADataset, collate_skip_bad, open_dataset
+from blip2.data.bad_images import BadImageCounter, collate_skip_bad
+from blip2.data.datasets import CaptionDataset, VQADataset, open_dataset
 from blip2.data.feature_cache import FeatureCache, encoder_identity
+from blip2.data.records import DatasetFormatError
 from blip2.infer.decoding import GenerationOptions
 from blip2.infer.generation import generate_from_features
 from blip2.infer.qformer_generation import qformer_generate
+from blip2.models.blip2 import Blip2Model
 
 if TYPE_CHECKING:
-    from blip2.models.blip2 import Blip2Model
+    from blip2.pipeline import Blip2Pipeline
 
 FeaturesArg = FeatureCache | str | Path | None
 
 
 @contextlib.contextmanager
-def eval_mode(model: "Blip2Model") -> Iterator[None]:
+def eval_mode(model: Blip2Model) -> Iterator[None]:
     """Dropout off while evaluating; the model's train/eval state is restored afterwards."""
     was_training = model.training
     model.eval()
@@ -41,19 +42,19 @@ def eval_mode(model: "Blip2Model") -> Iterator[None]:
         model.train(was_training)
 
 
-def resolve_features(model: "Blip2Model", features: FeaturesArg) -> FeatureCache | None:
-    """A feature cache folder (checked against ``model``'s encoder and preprocessing) or an open cache, or None."""
+def resolve_features(pipe: "Blip2Pipeline", features: FeaturesArg) -> FeatureCache | None:
+    """A feature cache folder (checked against the model's encoder and preprocessing) or an open cache, or None."""
     if features is None or isinstance(features, FeatureCache):
         return features
-    return FeatureCache(features, expect=encoder_identity(model.cfg.vision, model.vision.preprocess))
+    return FeatureCache(features, expect=encoder_identity(pipe.cfg.vision, pipe.preprocess, pipe.model.vision))
 
 
 def open_eval_dataset(
-    model: "Blip2Model", data: str | Path, task: str, cache: FeatureCache | None, image_root: str | Path | None = None,
-    annotations: str | Path | None = None,
+    pipe: "Blip2Pipeline", data: str | Path, task: str, cache: FeatureCache | None,
+    image_root: str | Path | None = None, annotations: str | Path | None = None,
 ) -> CaptionDataset | VQADataset:
     """``data`` opened for ``task`` with the encoder's eval preprocessing (or the cached features) as transform."""
-    transform = cache if cache is not None else model.vision.preprocess.eval_transform()
+    transform = cache if cache is not None else pipe.preprocess.eval_transform()
     dataset = open_dataset(data, transform=transform, task=task, image_root=image_root, annotations=annotations)
     if not isinstance(dataset, (CaptionDataset, VQADataset)):
         raise DatasetFormatError(
@@ -72,7 +73,7 @@ def batches(dataset, limit: int | None, batch_size: int, desc: str, progress: bo
     return counter.track(tqdm(loader, desc=desc, unit="batch", disable=not progress))
 
 
-def batch_features(model: "Blip2Model", batch: dict[str, Any], cached: bool) -> Tensor:
+def batch_features(model: Blip2Model, batch: dict[str, Any], cached: bool) -> Tensor:
     """Frozen features [B, N, D] on the model's device for a collated batch: its pixels [B, 3, H, W] run through
     the encoder (each distinct image id once), or its cached features [B, N, D] as they are."""
     images = batch["image"]
@@ -87,28 +88,18 @@ def batch_features(model: "Blip2Model", batch: dict[str, Any], cached: bool) -> 
 
 
 def texts_from_features(
-    model: "Blip2Model", features: Tensor, prompts: Sequence[str] | None, options: GenerationOptions
+    pipe: "Blip2Pipeline", features: Tensor, prompts: Sequence[str] | None, options: GenerationOptions
 ) -> list[str]:
     """One generated text per row of ``features`` [B, N, D]: through the LLM after a prompt per row (None: no
     prompt; the text is what follows the prompt), or, for a stage-1 model, from the Q-Former's captioning head."""
-    if model.llm is None:
+    if pipe.model.llm is None:
         if prompts is not None and any(prompts):
             raise ValueError("a stage-1 model captions with its Q-Former, which takes no prompt: drop the prompt "
                              "or use a stage-2 model")
-        return qformer_generate(model, features, options)
-    return generate_from_features(model, features, list(prompts) if prompts is not None else [""] * len(features), options)
+        return qformer_generate(pipe, features, options)
+    return generate_from_features(pipe, features, list(prompts) if prompts is not None else [""] * len(features), options)
 
 
-def write_text_atomically(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def official_id(value: str) -> int | str:
+    """COCO/VQAv2 result files use integer ids: "391895" -> 391895; other ids stay strings."""
+    return int(value) if value.isdigit() else value

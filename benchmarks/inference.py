@@ -1,5 +1,5 @@
 """Measure inference on a model: chat turns with and without the cache, caption throughput, and our token loop
-against transformers' ``generate``. ``python -m blip2.infer.benchmark [--model default] [--threads 1]`` prints
+against transformers' ``generate``. ``python benchmarks/inference.py [--model default] [--threads 1]`` prints
 markdown tables (docs/inference.md quotes them)."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from blip2.api import load
+from blip2 import load
 from blip2.infer.decoding import GenerationOptions, stream_tokens
+from blip2.infer.generation import prompt_inputs
 
 QUESTIONS = ["What is in the picture?", "What colour is it?", "Describe it in one word.", "Is it big?", "Thank you!"]
 
@@ -58,26 +59,27 @@ def caption_throughput(model, images: list[Image.Image], batch_size: int, max_ne
     start = time.perf_counter()
     captions = model.caption(images, batch_size=batch_size, max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - start
-    tokens = sum(len(ids) + 1 for ids in model.llm.tokenizer(captions, add_special_tokens=False)["input_ids"])  # + EOS
+    tokens = sum(len(ids) + 1 for ids in model.llm_tokenizer.batch_ids(captions))  # + EOS
     return len(images) / seconds, tokens / seconds
 
 
 def loop_against_generate(model, image: Image.Image, max_new_tokens: int, repeats: int) -> tuple[float, float, int]:
     """Median seconds for one greedy sequence through our cached token loop and through transformers' generate
     (the same tokens: tests check that the two decode alike), interleaved ``repeats`` times."""
-    llm = model.llm
+    llm, eos = model.model.llm, model.llm_tokenizer.eos_token_id
     with torch.no_grad():
-        embeds, mask = model.prompt_inputs(model.image_features(model.pixel_values([image])), ["A long story about"])
+        features = model.model.image_features(model.pixel_values([image]))
+        embeds, mask = prompt_inputs(model, features, ["A long story about"])
     options = GenerationOptions(max_new_tokens=max_new_tokens)
-    list(stream_tokens(llm, embeds, mask, GenerationOptions(max_new_tokens=2)))  # warm-up
+    list(stream_tokens(llm, embeds, mask, GenerationOptions(max_new_tokens=2), eos))  # warm-up
     loop, hf = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        tokens = list(stream_tokens(llm, embeds, mask, options))
+        tokens = list(stream_tokens(llm, embeds, mask, options, eos))
         loop.append(time.perf_counter() - start)
         start = time.perf_counter()
         with torch.no_grad():
-            llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(llm))
+            llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(model.llm_tokenizer))
         hf.append(time.perf_counter() - start)
     return statistics.median(loop), statistics.median(hf), len(tokens)
 

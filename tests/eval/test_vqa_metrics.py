@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blip2.eval.report import write_report
-from blip2.eval.vqa import evaluate_vqa, normalize_answer, vqa_accuracy
+from blip2.eval.vqa_metrics import evaluate_vqa, normalize_answer, vqa_accuracy
 
 
 @pytest.mark.parametrize("raw, normalized", [

@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 
-from blip2.eval import captioning
-from blip2.eval.captioning import (MetricSkippedWarning, evaluate_captions, find_java, ptb_tokenize,
+from blip2.eval import caption_metrics
+from blip2.eval.caption_metrics import (MetricSkippedWarning, evaluate_captions, find_java, ptb_tokenize,
                                    simple_tokenize, spice_available)
 
 needs_java = pytest.mark.skipif(find_java() is None, reason="java is not installed")
@@ -105,7 +105,7 @@ def test_meteor_known_values():
 
 def test_java_helper_process_is_killed_on_timeout(tmp_path):
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    with captioning._LineProcess(sleeper, tmp_path, timeout_s=0.5, name="sleeper") as process:
+    with caption_metrics._LineProcess(sleeper, tmp_path, timeout_s=0.5, name="sleeper") as process:
         with pytest.raises(RuntimeError, match="sleeper ran past 0.5 s and was killed"):
             process.receive()
     assert process._process.returncode is not None
@@ -113,6 +113,6 @@ def test_java_helper_process_is_killed_on_timeout(tmp_path):
 
 def test_java_helper_process_reports_a_crash(tmp_path):
     crasher = [sys.executable, "-c", "import sys; sys.stderr.write('no paraphrase table'); sys.exit(3)"]
-    with captioning._LineProcess(crasher, tmp_path, timeout_s=60, name="crasher") as process:
+    with caption_metrics._LineProcess(crasher, tmp_path, timeout_s=60, name="crasher") as process:
         with pytest.raises(RuntimeError, match="crasher exited with code 3: no paraphrase table"):
             process.receive()

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from blip2.data import shapes
-from blip2.data.shapes import (
+from blip2.demo import shapes
+from blip2.demo.shapes import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT,

@@ -14,18 +14,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from blip2.data.datasets import CAPTION, BadImageCounter, DatasetFormatError
+from blip2.data.bad_images import BadImageCounter
+from blip2.data.records import CAPTION, DatasetFormatError
+from blip2.data.text import Stage2Collate
+from blip2.eval.runs import FeaturesArg, batch_features, batches, eval_mode, open_eval_dataset, resolve_features
 from blip2.infer.batching import batch_slices
-from blip2.infer.dataset_runs import FeaturesArg, batch_features, batches, eval_mode, open_eval_dataset, resolve_features
 from blip2.models.losses import SpreadMeter, text_losses
-from blip2.train.stages import Stage2Collate
 
 if TYPE_CHECKING:
-    from blip2.models.blip2 import Blip2Model
+    from blip2.pipeline import Blip2Pipeline
 
 
 def evaluate_grounding(
-    model: "Blip2Model",
+    pipe: "Blip2Pipeline",
     data: str | Path,
     limit: int | None = None,
     batch_size: int = 16,
@@ -45,22 +46,25 @@ def evaluate_grounding(
     means the image makes no difference) and ``prompt_spread`` (``models.losses.prompt_spread`` over all the
     images, not per batch); and ``predictions``, both losses of every caption.
     """
-    llm = model._require_llm()
+    model = pipe.model
+    llm = model.require_llm()
     if batch_size < 2:
         raise ValueError(f"grounding needs batch_size >= 2 (the first image is compared with its batch's last), "
                          f"got {batch_size}")
-    cache = resolve_features(model, features)
-    dataset = open_eval_dataset(model, data, CAPTION, cache, image_root)
+    cache = resolve_features(pipe, features)
+    dataset = open_eval_dataset(pipe, data, CAPTION, cache, image_root)
     captions = {record.image_id: record.captions_at(caption_index) if record.captions else ()
                 for record in dataset.records}
-    collate = Stage2Collate(llm, model.cfg.llm.max_text_len)
+    start = llm.model.config.decoder_start_token_id if llm.is_encoder_decoder else None
+    collate = Stage2Collate(pipe.llm_tokenizer, model.cfg.llm.max_text_len, decoder_start_token_id=start)
     counter, spread = BadImageCounter(), SpreadMeter()
     rows: list[dict[str, Any]] = []
     sums = {"own": 0.0, "other": 0.0}
     tokens, previous = 0, None
     with eval_mode(model):
         for batch in batches(dataset, limit, batch_size, "grounding", progress, counter):
-            prompt = model.soft_prompt(batch_features(model, batch, cache is not None))  # [B, V, H_llm]
+            feats = batch_features(model, batch, cache is not None)  # [B, N, D]
+            prompt = model.soft_prompt(feats, *pipe.qformer_prompt_ids([""] * len(feats)))  # [B, V, H_llm]
             spread.add(model.prompt_queries(prompt))
             pool = prompt if previous is None else torch.cat([previous, prompt])  # [P, V, H_llm]
             prompts = {"own": prompt, "other": pool.roll(1, dims=0)[-len(prompt):]}  # row i: the image before i
