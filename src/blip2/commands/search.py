@@ -21,7 +21,7 @@ def index_build(
     backend: Literal["faiss", "milvus"] = "faiss",
     uri: str | None = None,
     collection: str | None = None,
-    index_type: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto",
+    index_type: Literal["auto", "flat", "hnsw", "ivfpq"] | None = None,
     memory_budget: str | None = None,
     batch_size: int = 32,
     json_output: bool = False,
@@ -36,7 +36,8 @@ def index_build(
 
     --backend faiss (embedded) keeps the vectors in the index folder under a FAISS index chosen from the size
     and --memory-budget (default: half this machine's memory): exact (flat) for small collections, HNSW, or
-    IVF-PQ with exact re-scoring; --index-type forces one. --backend milvus stores them in Milvus: milvus-lite in
+    IVF-PQ with exact re-scoring; --index-type forces one (auto by default). Rerunning a build with another
+    --memory-budget or --index-type rebuilds the FAISS index from the stored vectors, without encoding again. --backend milvus stores them in Milvus: milvus-lite in
     the index folder, or a server with --uri http://HOST:19530 (--collection names the collection).
     """
     index, report = Index.build(source, out, model, backend=backend, uri=uri, collection=collection,

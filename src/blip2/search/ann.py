@@ -60,9 +60,17 @@ def ivfpq_factory(num_vectors: int, dim: int, budget: int) -> str:
     for m in (dim // 4, dim // 8, dim // 16, dim // 32):
         if m >= 1 and dim % m == 0 and estimated_bytes(f"IVF{nlist},PQ{m}{bits}", num_vectors, dim) <= budget:
             return f"IVF{nlist},PQ{m}{bits}"
-    raise SearchIndexError(f"{num_vectors:,} vectors do not fit a --memory-budget of {budget / 2**30:.2f} GiB even as "
-                           f"IVF-PQ codes ({estimated_bytes(f'IVF{nlist},PQ{max(1, dim // 32)}', num_vectors, dim) / 2**30:.2f}"
-                           " GiB): raise the budget, or use --backend milvus on a Milvus cluster")
+    smallest = estimated_bytes(f"IVF{nlist},PQ{max(1, dim // 32)}{bits}", num_vectors, dim)
+    raise SearchIndexError(f"{num_vectors:,} vectors do not fit a --memory-budget of {readable_bytes(budget)} even as "
+                           f"IVF-PQ codes ({readable_bytes(smallest)}): rerun blip2 index build with a larger "
+                           "--memory-budget (what is encoded is kept), or use --backend milvus on a Milvus cluster")
+
+
+def readable_bytes(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def choose_factory(kind: str, num_vectors: int, dim: int, budget: int) -> str:

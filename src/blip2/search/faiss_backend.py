@@ -92,20 +92,19 @@ class FaissBackend:
         assert first_slot == self.rows.slots, (first_slot, self.rows.slots)
         self.rows.append(vectors)
 
-    def remove(self, image_ids: list[int]) -> None:
-        """Nothing to do: removed images are filtered out at search time."""
-
     def sync(self, kind: str, budget: int, progress: bool = True) -> None:
-        """Index every committed slot: extend the FAISS index, or build a new one when the collection's size calls
-        for another kind of index (or there is none); then save it."""
+        """Index every committed slot: extend the FAISS index, or build a new one when there is none or the
+        collection's size (or ``kind``, or the budget) calls for another kind of index; then save it."""
         slots = self.rows.slots
-        if slots == 0 or (self.index is not None and self.covered == slots):
+        if slots == 0:
             return
         target = ann.choose_factory(kind, slots * self.num_queries, self.dim, budget)
         if self.index is None or ann.family(target) != ann.family(self.factory):
             self.index, self.factory = ann.build(target, self.rows.rows(), progress), target
-        else:
+        elif self.covered < slots:
             ann.add(self.index, self.rows.rows()[self.covered:].reshape(-1, self.dim), progress)
+        else:
+            return
         self.covered = slots
         self._save()
 

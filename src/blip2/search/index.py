@@ -90,21 +90,29 @@ class Index:
 
     @classmethod
     def build(cls, sources: list[str], folder: str | Path, model: Any, *, backend: Backends = "faiss",
-              uri: str | None = None, collection: str | None = None, index_type: str = "auto",
+              uri: str | None = None, collection: str | None = None, index_type: str | None = None,
               memory_budget: str | int | None = None, batch_size: int = 32,
               progress: bool = True) -> tuple["Index", BuildReport]:
         """Index ``sources`` into ``folder``, creating the index or resuming it (files already indexed are
-        skipped); then (re)build the backend's search index. -> (the open index, what happened)."""
+        skipped); then (re)build the backend's search index. -> (the open index, what happened).
+
+        index_type: "auto" (the default for a new index), "flat", "hnsw" or "ivfpq"; memory_budget: bytes or "8G"
+        (default: half this machine's memory). Given when resuming, they replace the recorded ones.
+        """
         folder = Path(folder)
-        if index_type not in ann.KINDS:
+        if index_type not in (None, *ann.KINDS):
             raise SearchIndexError(f"--index-type {index_type!r}: choose one of {', '.join(ann.KINDS)}")
         if (folder / DATABASE).exists():
             index = cls.open(folder, model, writable=True)
             if index.settings["backend"] != backend:
                 raise SearchIndexError(f"{folder} is a {index.settings['backend']} index, not {backend}: leave "
                                        f"--backend out to resume it, or build into a new --out folder")
+            changes = {"index_type": index_type, "memory_budget": memory_budget and str(ann.parse_bytes(memory_budget))}
+            index.store.set_meta({key: value for key, value in changes.items() if value})
+            index.settings = index.store.meta()
         else:
-            index = cls._create(folder, model, backend, uri, collection, index_type, ann.parse_bytes(memory_budget))
+            index = cls._create(folder, model, backend, uri, collection, index_type or "auto",
+                                ann.parse_bytes(memory_budget))
         return index, index.add(sources, batch_size=batch_size, progress=progress)
 
     @classmethod
@@ -166,12 +174,11 @@ class Index:
         return report
 
     def remove(self, paths: list[str]) -> RemoveReport:
-        """Remove files (a path, a folder: all under it, a tar shard: its members). An image goes when its last
-        file does (from the search index too); its row stays in the vector file, unused."""
+        """Remove files (a path, a folder: all under it, a tar shard: its members). An image leaves the results
+        when its last file goes; its vectors stay (searches skip them), so adding it again costs no encoding."""
         targets = [str(Path(p).expanduser().resolve()) for p in paths]
         with readable(self.folder):
             files, images, unmatched = self.store.remove(targets)
-            self.backend.remove(images)
             self.removed = self.store.removed_mask(self.store.slots())
         return RemoveReport(files, images, [paths[targets.index(t)] for t in unmatched])
 
@@ -197,7 +204,7 @@ class Index:
             try:
                 query = model_api.text_vectors(self.model, [text])  # [1, E]
             except ValueError as error:
-                raise SearchIndexError(f"query {_short(text)}: {error}") from error
+                raise SearchIndexError(str(error).replace("text 0 is", "the query is", 1)) from error
         else:
             query = model_api.image_vectors(self.model, [load_image(image)], 1)[0]  # [Q, E]
         hits = self.search_vectors(query, k=max(k, rerank), candidates=candidates)
@@ -306,7 +313,3 @@ def _resolve_model(model: Any) -> tuple[str, Any]:
         source = str(path.resolve()) if path.exists() else str(model)
         return source, model_api.load_model(str(model))
     return getattr(model, "source", None) or "<in-memory model>", model
-
-
-def _short(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:37] + "...")

@@ -5,7 +5,8 @@ One row per vector: ``id`` = slot * Q + query (primary key), ``image_id`` = slot
 group-by on ``image_id``, so each returned row is one image with its best vector: exactly max over queries.
 The exact vectors for re-scoring are read back from the collection. Rows are inserted before the database
 commits their images; rows of uncommitted slots (a build killed in between) are deleted by the next writer
-and ignored by searches. Removed images are deleted from the collection.
+and ignored by searches. Removed images keep their rows (filtered out by the search, as in the FAISS backend),
+so adding the same content again needs no encoding; a rebuild reclaims the space.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from blip2.search.errors import SearchIndexError
 
+CONNECT_TIMEOUT = 10  # seconds
 QUERY_LIMIT = 16_384  # Milvus returns at most this many rows (or groups) per request
 INSERT_ROWS = 4_096
 FLAT_MAX_VECTORS = 131_072  # as the FAISS backend: FLAT (exact) below, HNSW above
@@ -34,7 +36,7 @@ class MilvusBackend:
 
         self.uri, self.collection, self.num_queries, self.dim, self.slots = uri, collection, num_queries, dim, slots
         try:
-            self.client = MilvusClient(uri)
+            self.client = MilvusClient(uri, timeout=CONNECT_TIMEOUT)
             exists = self.client.has_collection(collection)
         except Exception as error:  # pymilvus raises MilvusException and gRPC errors alike
             raise SearchIndexError(f"cannot reach Milvus at {uri} ({_first_line(error)}): start the server, or check "
@@ -119,11 +121,6 @@ class MilvusBackend:
     def drop_uncommitted(self) -> None:
         """Delete rows of slots the database never committed (a build killed between insert and commit)."""
         self.client.delete(self.collection, filter=f"image_id >= {self.slots}")
-
-    def remove(self, image_ids: list[int]) -> None:
-        for start in range(0, len(image_ids), QUERY_LIMIT):
-            chunk = ",".join(str(i) for i in image_ids[start:start + QUERY_LIMIT])
-            self.client.delete(self.collection, filter=f"image_id in [{chunk}]")
 
     def sync(self, kind: str, budget: int, progress: bool = True) -> None:
         """Switch the collection's vector index to the kind its size calls for (FLAT when small, else HNSW)."""
