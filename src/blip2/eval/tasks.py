@@ -33,7 +33,7 @@ from blip2.eval.captioning import evaluate_captions
 from blip2.eval.grounding import evaluate_grounding
 from blip2.eval.report import write_report
 from blip2.eval.retrieval import recall_at_k, rerank_topk
-from blip2.eval.vqa import evaluate_vqa
+from blip2.eval.vqa import Normalize, check_normalize, evaluate_vqa
 from blip2.infer.batching import batch_slices
 from blip2.infer.decoding import GenerationOptions
 from blip2.infer.generation import format_questions, vqa_template
@@ -147,6 +147,7 @@ def evaluate_vqa_task(
     *,
     annotations: str | Path | None = None,
     image_root: str | Path | None = None,
+    normalize: Normalize = "official",
     progress: bool = True,
     **gen,
 ) -> dict[str, Any]:
@@ -154,10 +155,13 @@ def evaluate_vqa_task(
 
     ``prompt_template`` defaults to the paper's "Question: {} Answer:" ("... Short answer:" for Flan-T5);
     ``annotations`` is the VQAv2 annotations file that goes with a VQAv2 questions file. ``**gen``:
-    ``GenerationOptions`` (default here: greedy, ``max_new_tokens=10``). Returns ``metrics`` (``overall``,
+    ``GenerationOptions`` (default here: greedy, ``max_new_tokens=10``). ``normalize``: answer normalisation,
+    "official" (as GT-Vision-Lab's script: only questions whose human answers differ) or "always" (see
+    ``blip2.eval.vqa``). Returns ``metrics`` (``overall``,
     per question / answer type when the data has types), counts and ``predictions`` (the VQAv2 results format
     ``[{"question_id", "answer"}]``). Data without answers (test-dev) gets predictions only.
     """
+    check_normalize(normalize)  # before any answer is generated
     options = GenerationOptions.from_kwargs({**VQA_GENERATION, **gen})
     template = prompt_template or vqa_template(model._require_llm())
     cache = resolve_features(model, features)
@@ -183,7 +187,8 @@ def evaluate_vqa_task(
         "prompt_template": template,
         "num_questions": len(answers),
         "skipped_images": counter.bad,
-        "metrics": evaluate_vqa({qid: answers[qid] for qid in references}, references) if references else {},
+        "normalize": normalize,
+        "metrics": evaluate_vqa({qid: answers[qid] for qid in references}, references, normalize) if references else {},
         "predictions": [{"question_id": _official_id(qid), "answer": text} for qid, text in answers.items()],
     }
 
