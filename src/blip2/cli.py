@@ -3,7 +3,10 @@
 The parser is derived from the function's signature: positional parameters become positional arguments,
 keyword parameters become ``--options`` (``bool`` ones become flags, ``list[...]`` ones take several values,
 ``Literal[...]`` ones take one of their values). A parameter whose type is a dataclass (e.g. the generation
-options) contributes one ``--option`` per field and is rebuilt from them before the call.
+options) contributes one ``--option`` per field and is rebuilt from them before the call. A positional-only
+parameter with a default (before ``/``) is an optional positional argument; a keyword-only one without a default
+(after ``*``) is a required ``--option``. A ``(name, [functions])`` entry of
+``COMMANDS`` is a command group: ``blip2 name build`` runs ``name_build`` (the ``name_`` prefix is dropped).
 """
 
 from __future__ import annotations
@@ -35,19 +38,25 @@ def _option_type(annotation) -> tuple[Callable | None, bool, tuple | None]:
 FLAG_ALIASES = {"json_output": ["--json"]}  # extra spellings of some options
 
 
-def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, default, dest: str | None = None) -> None:
-    """One positional argument (no default) or ``--option`` for a parameter or dataclass field."""
+def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, default, dest: str | None = None,
+                  param_kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) -> None:
+    """One positional argument (no default; positional-only: optional) or ``--option`` (keyword-only without a
+    default: required) for a parameter or dataclass field."""
     kind, many, choices = _option_type(annotation)
-    if default is inspect.Parameter.empty:
-        parser.add_argument(name, type=kind, nargs="+" if many else None, choices=choices)
+    required = param_kind is inspect.Parameter.KEYWORD_ONLY and default is inspect.Parameter.empty
+    if (default is inspect.Parameter.empty and not required) or param_kind is inspect.Parameter.POSITIONAL_ONLY:
+        optional = default is not inspect.Parameter.empty
+        nargs = ("*" if optional else "+") if many else ("?" if optional else None)
+        parser.add_argument(name, type=kind, nargs=nargs, choices=choices, **({"default": default} if optional else {}))
         return
     flags = [f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, [])]
     if annotation is bool:
         parser.add_argument(*flags, dest=dest or name, action=argparse.BooleanOptionalAction, default=default)
         return
     parser.add_argument(  # a repeated list option adds to the list (--set a=1 --set b=2), never replaces it
-        *flags, dest=dest or name, type=kind, nargs="+" if many else None, choices=choices, default=default,
-        action="extend" if many else "store", metavar=None if choices else name.upper(), help=f"(default: {default})",
+        *flags, dest=dest or name, type=kind, nargs="+" if many else None, choices=choices,
+        action="extend" if many else "store", metavar=None if choices else name.upper(),
+        **({"required": True, "help": "(required)"} if required else {"default": default, "help": f"(default: {default})"}),
     )  # fmt: skip
 
 
@@ -56,11 +65,12 @@ def command_name(fn: Callable) -> str:
     return fn.__name__.rstrip("_").replace("_", "-")
 
 
-def _add_command(subparsers, fn: Callable) -> None:
+def _add_command(subparsers, fn: Callable, prefix: str | None = None) -> None:
     doc = inspect.getdoc(fn) or ""
     summary = doc.split("\n\n")[0].replace("\n", " ")
+    command = command_name(fn).removeprefix(f"{prefix}-") if prefix else command_name(fn)
     parser = subparsers.add_parser(
-        command_name(fn), help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        command, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     hints = typing.get_type_hints(fn)
     groups = {}  # dataclass parameters: name -> (class, its field names)
@@ -75,8 +85,18 @@ def _add_command(subparsers, fn: Callable) -> None:
                 _add_argument(group, f.name, field_hints[f.name], default, dest=f"{name}.{f.name}")
             groups[name] = (annotation, [f.name for f in fields])
         else:
-            _add_argument(parser, name, annotation, param.default)
-    parser.set_defaults(_fn=fn, _groups=groups)
+            _add_argument(parser, name, annotation, param.default, param_kind=param.kind)
+    parser.set_defaults(_fn=fn, _groups=groups, _name=f"{prefix} {command}" if prefix else command)
+
+
+def _add_group(subparsers, group: str, fns: list[Callable]) -> None:
+    """``blip2 GROUP COMMAND``: one subcommand per function (``group_command``)."""
+    names = [command_name(fn).removeprefix(f"{group}-") for fn in fns]
+    parser = subparsers.add_parser(group, help=f"{' | '.join(names)} (blip2 {group} COMMAND --help)",
+                                   description=f"blip2 {group} {'|'.join(names)}: see each one's --help.")
+    commands_of_group = parser.add_subparsers(title=f"{group} commands", metavar="COMMAND", required=True)
+    for fn in fns:
+        _add_command(commands_of_group, fn, group)
 
 
 def _regroup(args: dict) -> dict:
@@ -89,18 +109,23 @@ def _regroup(args: dict) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for fn in commands.COMMANDS:
-        _add_command(subparsers, fn)
+    for entry in commands.COMMANDS:
+        if isinstance(entry, tuple):
+            _add_group(subparsers, *entry)
+        else:
+            _add_command(subparsers, entry)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    fn = args.pop("_fn")
+    fn, name = args.pop("_fn"), args.pop("_name")
+    positional_only = [p for p, param in inspect.signature(fn).parameters.items() if param.kind is param.POSITIONAL_ONLY]
     try:
-        result = fn(**_regroup(args))
+        args = _regroup(args)  # a dataclass option may reject its values
+        result = fn(*[args.pop(p) for p in positional_only], **args)
     except commands.USER_ERRORS as err:
-        print(f"blip2 {command_name(fn)}: error: {err}", file=sys.stderr)
+        print(f"blip2 {name}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)
 

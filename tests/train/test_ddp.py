@@ -6,7 +6,10 @@
 - BLIP-2's ITC loss gathers features across ranks WITH gradient: the gradients of two processes holding half the
   batch each equal those of one process holding all of it (LAVIS's gather without gradient does not).
 - The whole stage-1 loss runs across ranks whose texts differ in length (ITM pairs each rank's texts with
-  gathered ones, padded to the longest rank's); its ITC loss equals one process's on the global batch.
+  gathered ones, padded to the longest rank's); its ITC loss equals one process's on the global batch, and so does
+  its ITG loss (token-weighted over the ranks).
+- ITM with hard negatives on the other rank (drawn from similarities that decide the draw) equals one process on
+  the global batch: the loss (mean over ranks) and every parameter gradient (averaged over ranks, as DDP does).
 """
 
 import os
@@ -108,6 +111,7 @@ def rank_main(out: str) -> None:
     for gather in GATHERS:
         save_file(itc_gradients(rank, world, gather), out / f"itc-{gather}-rank{rank}.safetensors")
     save_file(stage1_on_share(out / "vision", rank, world), out / f"stage1-rank{rank}.safetensors")
+    save_file(itm_on_share(out / "vision", rank, world), out / f"itm-rank{rank}.safetensors")
     teardown_distributed()
 
 
@@ -234,12 +238,25 @@ def test_blip2_itc_gradients_across_two_processes_equal_one_process(two_ranks):
 STAGE1_TEXTS = ["a red star", "two crosses", "two blue circles on a gray background", "a small green cross at the top"]
 
 
-def stage1_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
-    """Stage-1 losses on this rank's share of STAGE1_TEXTS (rank 0's texts are shorter than rank 1's), in eval mode
-    (no dropout)."""
+def tiny_stage1_model(vision_dir: Path):
+    """The same tiny stage-1 model in every process, in eval mode (no dropout), its trainable weights drawn from
+    normal(0, 0.1) (norm scales around 1): at BERT's 0.02 initialisation ITM and ITG barely see their inputs, and a
+    wrong negative or target would change the losses by less than the tolerance."""
     vision = {"kind": "hf", "path": str(vision_dir)}
     model = build_model(Blip2Config.from_dict({"vision": vision, "qformer": TINY_QFORMER}))
-    model.eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in model.modules():  # temp (on the model itself) keeps its value
+            for name, p in module.named_parameters(recurse=False) if module is not model else ():
+                if p.requires_grad:
+                    scale = float(isinstance(module, nn.LayerNorm) and name == "weight")
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1 + scale)
+    return model.eval()
+
+
+def stage1_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Stage-1 losses on this rank's share of STAGE1_TEXTS (rank 0's texts are shorter than rank 1's)."""
+    model = tiny_stage1_model(vision_dir)
     features = torch.randn(len(STAGE1_TEXTS), model.vision.num_tokens(), model.vision.out_dim,
                            generator=torch.Generator().manual_seed(1))  # [G, N, D]
     share = len(STAGE1_TEXTS) // world
@@ -247,12 +264,71 @@ def stage1_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.
     tok = model.tokenizer(STAGE1_TEXTS[rows], padding="longest", return_tensors="pt")
     found = losses.stage1_losses(model, features[rows], tok.input_ids, tok.attention_mask)
     return {**{name: value.detach() for name, value in found.items()},
-            "width": torch.tensor(tok.input_ids.shape[1])}
+            "width": torch.tensor(tok.input_ids.shape[1]), "itg_tokens": tok.attention_mask[:, 1:].sum()}
 
 
 def test_stage1_losses_across_ranks_with_texts_of_different_lengths(two_ranks):
+    """Catches (in losses.py): ITC's ``start = row_offset(sizes)`` -> ``0``; ITG scoring padding (the ``mask[:, 1:]
+    == 0`` fill dropped: the ranks pad to different widths). Bugs that are the same on every rank (ITG targets
+    shifted) are left to tests/models/test_losses.py."""
     single = stage1_on_share(two_ranks / "vision", rank=0, world=1)
     ranks = [load_file(two_ranks / f"stage1-rank{r}.safetensors") for r in range(WORLD)]
     assert ranks[0]["width"] < ranks[1]["width"]  # what used to break ITM's concatenation
     torch.testing.assert_close(sum(r["itc"] for r in ranks) / WORLD, single["itc"])  # each rank: mean of its half
-    assert all(torch.isfinite(r[name]) for r in ranks for name in ("itm", "itg", "loss"))
+    tokens = sum(r["itg_tokens"] for r in ranks)  # each rank: mean over its own tokens
+    torch.testing.assert_close(sum(r["itg"] * r["itg_tokens"] for r in ranks) / tokens, single["itg"])
+    assert all(torch.isfinite(r[name]) for r in ranks for name in ("itm", "loss"))
+
+
+# ---- ITM across processes, hard negatives on the other rank ----------------------------------------------------------
+
+NEG_IMAGE = [2, 3, 0, 1]  # each text's hard negative image: on the other rank
+NEG_TEXT = [3, 2, 1, 0]  # each image's hard negative text: on the other rank, not the same pair as NEG_IMAGE
+
+
+def peaked_similarities(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global ITC similarities [G, G] that decide the draw: the positive far above all (it must be masked), the chosen
+    negative next (probability 1 - 1e-13 once the positive is out)."""
+    sim_i2t, sim_t2i = torch.zeros(batch, batch), torch.zeros(batch, batch)
+    rows = torch.arange(batch)
+    sim_i2t[rows, rows] = sim_t2i[rows, rows] = 60.0
+    sim_i2t[rows, torch.tensor(NEG_TEXT)] = 30.0
+    sim_t2i[rows, torch.tensor(NEG_IMAGE)] = 30.0
+    return sim_i2t, sim_t2i
+
+
+def itm_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """``losses.itm_loss`` on this rank's share of STAGE1_TEXTS (rank 1's texts are longer) with its rows of the
+    global similarities: the loss, and every parameter gradient averaged over ranks as DDP averages them."""
+    model = tiny_stage1_model(vision_dir)
+    features = torch.randn(len(STAGE1_TEXTS), model.vision.num_tokens(), model.vision.out_dim,
+                           generator=torch.Generator().manual_seed(1))  # [G, N, D]
+    share = len(STAGE1_TEXTS) // world
+    rows = slice(rank * share, (rank + 1) * share)
+    tok = model.tokenizer(STAGE1_TEXTS[rows], padding="longest", return_tensors="pt")
+    sim_i2t, sim_t2i = peaked_similarities(len(STAGE1_TEXTS))
+    embeds = model.vision_norm(features[rows])  # [B, N, D]
+    loss = losses.itm_loss(model, embeds, tok.input_ids, tok.attention_mask, sim_i2t[rows], sim_t2i[rows],
+                           losses.batch_sizes(share, embeds.device))
+    loss.backward()
+    grads = {f"grad/{name}": p.grad for name, p in model.named_parameters() if p.grad is not None}
+    if world > 1:
+        for grad in grads.values():
+            dist.all_reduce(grad)
+            grad /= world
+    return {"itm": loss.detach(), **grads}
+
+
+def test_itm_across_ranks_equals_one_process(two_ranks):
+    """Catches (in losses.py): ITM's ``start = row_offset(sizes)`` -> ``0`` (rank 1 masks rank 0's pairs and draws
+    its own positive); the positive masked at ``own`` instead of ``start + own``; the negative images, or the
+    negative texts, taken from the local batch instead of the gathered one; ``_GatherWithGrad.backward`` without its
+    ``all_reduce`` (the other rank's gradient for this rank's rows lost)."""
+    single = itm_on_share(two_ranks / "vision", rank=0, world=1)
+    ranks = [load_file(two_ranks / f"itm-rank{r}.safetensors") for r in range(WORLD)]
+    torch.testing.assert_close(sum(r["itm"] for r in ranks) / WORLD, single["itm"])  # each rank: mean of its 3B pairs
+    grads = {name: value for name, value in single.items() if name.startswith("grad/")}
+    assert {"grad/vision_norm.weight", "grad/itm_head.weight", "grad/qformer.query_tokens"} <= set(grads)
+    assert set(ranks[0]) == set(ranks[1]) == set(single)
+    torch.testing.assert_close({k: ranks[1][k] for k in grads}, {k: ranks[0][k] for k in grads}, rtol=0, atol=0)
+    torch.testing.assert_close({k: ranks[0][k] for k in grads}, grads)

@@ -12,7 +12,8 @@ from blip2.pipeline import load
 
 def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, model: str = "default", out: str | None = None,
          limit: int | None = None, k: int = 128, caption_index: int | None = None, features: str | None = None,
-         annotations: str | None = None, batch_size: int = 16) -> None:
+         annotations: str | None = None, batch_size: int = 16,
+         normalize: Literal["official", "always"] | None = None) -> None:
     """Evaluate a model on a dataset: caption (BLEU-4, METEOR, ROUGE-L, CIDEr), vqa (VQAv2 accuracy) or
     retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128) or
     grounding (a stage-2 model's caption loss with each image's own visual prompt vs another image's: 0 gap
@@ -22,9 +23,11 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, 
     a shapes split). --features reads cached encoder outputs instead of images. Results go to --out as JSON
     and a Markdown table. --limit N scores only the first N images (N questions for vqa): quick, but a
     VQA type over 200 questions can be off by 0.1 or more. --caption-index scores only that caption of each
-    image (retrieval, grounding).
+    image (retrieval, grounding). --normalize (vqa): "official" (default; as the official VQA script, answers
+    are normalised only where the ten human answers differ) or "always" (both sides of every question).
     """
-    task_only = {"--caption-index": (caption_index, ("retrieval", "grounding")), "--annotations": (annotations, ("vqa",))}
+    task_only = {"--caption-index": (caption_index, ("retrieval", "grounding")), "--annotations": (annotations, ("vqa",)),
+                 "--normalize": (normalize, ("vqa",))}
     misplaced = [flag for flag, (value, tasks) in task_only.items() if value is not None and task not in tasks]
     if misplaced:
         raise ValueError(f"{', '.join(misplaced)} does not apply to eval {task}; leave it out")
@@ -35,6 +38,8 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, 
         kw["caption_index"] = caption_index
     if annotations is not None:
         kw["annotations"] = annotations
+    if normalize is not None:
+        kw["normalize"] = normalize
     results = evaluate(task, load(model), data, out_dir=out, **kw)
     print(json.dumps({k: v for k, v in results.items() if k != "predictions"}, indent=2, default=str))
 

@@ -18,7 +18,7 @@ from blip2.eval.runs import (
     resolve_features,
     texts_from_features,
 )
-from blip2.eval.vqa_metrics import evaluate_vqa
+from blip2.eval.vqa_metrics import Normalize, check_normalize, evaluate_vqa
 from blip2.infer.decoding import GenerationOptions
 from blip2.prompts import format_questions, vqa_template
 
@@ -62,6 +62,7 @@ def evaluate_vqa_task(
     *,
     annotations: str | Path | None = None,
     image_root: str | Path | None = None,
+    normalize: Normalize = "official",
     progress: bool = True,
     **gen,
 ) -> dict[str, Any]:
@@ -69,10 +70,13 @@ def evaluate_vqa_task(
 
     ``prompt_template`` defaults to the paper's "Question: {} Answer:" ("... Short answer:" for Flan-T5);
     ``annotations`` is the VQAv2 annotations file that goes with a VQAv2 questions file. ``**gen``:
-    ``GenerationOptions`` (default here: greedy, ``max_new_tokens=10``). Returns ``metrics`` (``overall``,
+    ``GenerationOptions`` (default here: greedy, ``max_new_tokens=10``). ``normalize``: answer normalisation,
+    "official" (as GT-Vision-Lab's script: only questions whose human answers differ) or "always" (see
+    ``blip2.eval.vqa_metrics``). Returns ``metrics`` (``overall``,
     per question / answer type when the data has types), counts and ``predictions`` (the VQAv2 results format
     ``[{"question_id", "answer"}]``). Data without answers (test-dev) gets predictions only.
     """
+    check_normalize(normalize)  # before any answer is generated
     options = GenerationOptions.from_kwargs({**VQA_GENERATION, **gen})
     model = pipe.model
     template = prompt_template or vqa_template(model.require_llm().is_encoder_decoder)
@@ -99,6 +103,7 @@ def evaluate_vqa_task(
         "prompt_template": template,
         "num_questions": len(answers),
         "skipped_images": counter.bad,
-        "metrics": evaluate_vqa({qid: answers[qid] for qid in references}, references) if references else {},
+        "normalize": normalize,
+        "metrics": evaluate_vqa({qid: answers[qid] for qid in references}, references, normalize) if references else {},
         "predictions": [{"question_id": official_id(qid), "answer": text} for qid, text in answers.items()],
     }

@@ -1,15 +1,17 @@
-"""VQA accuracy with the official VQAv2 answer normalisation (GT-Vision-Lab ``vqaEval.py``).
+"""VQA accuracy as the official VQAv2 evaluation script computes it (GT-Vision-Lab ``vqaEval.py``).
 
-An answer is normalised by (in this order): newlines/tabs to spaces and outer whitespace stripped;
-punctuation removed or replaced by a space; periods not followed by a digit removed; lowercased;
-number words "none", "zero".."ten" to digits; the articles a/an/the dropped; apostrophe-less
-contractions restored ("dont" -> "don't"); words joined by single spaces.
+Both sides first get newlines/tabs turned into spaces and outer whitespace stripped. Then, by default
+(``normalize="official"``), the answers are normalised only when the human answers disagree: if all of them
+are the same string, the prediction must equal it exactly. Normalisation (``normalize_answer``), in this
+order: punctuation removed or replaced by a space; periods not followed by a digit removed (at most 32, as
+officially); lowercased; number words "none", "zero".."ten" to digits; the articles a/an/the dropped;
+apostrophe-less contractions restored ("dont" -> "don't"); words joined by single spaces.
+``normalize="always"`` normalises both sides of every question (raw answers such as "Square." then match).
 
 Accuracy of one prediction against n human answers (n = 10 in VQAv2): the mean, over the n
 leave-one-out subsets of the answers, of ``min(#subset answers equal to the prediction / t, 1)``
 with ``t = min(3, n - 1)``. For n = 10 this is exactly the official metric (t = 3); with a single
-answer it is exact match after normalisation. See docs/evaluation.md for the deviations from the
-official script.
+answer it is exact match. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import functools
 import re
 from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 # Replaced by a space, or removed when it touches a space or the text holds a digit,digit comma.
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
                ">", "<", "@", "`", ",", "?", "!")
 DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+PERIOD_LIMIT = 32  # the official script passes re.UNICODE (= 32) as sub()'s count: the 33rd period on stays
 NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 ARTICLES = frozenset({"a", "an", "the"})
@@ -63,6 +66,8 @@ CONTRACTIONS = {
 }
 
 OFFICIAL_MATCH_THRESHOLD = 3  # "an answer is 100% right if at least 3 humans gave it"
+Normalize = Literal["official", "always"]
+NORMALIZE_MODES: tuple[str, ...] = ("official", "always")
 
 
 def strip_punctuation(text: str) -> str:
@@ -70,14 +75,15 @@ def strip_punctuation(text: str) -> str:
 
     A mark is deleted (not spaced) when it appears next to a space anywhere in the text, or when
     the text holds a comma between two digits; so "1,000" -> "1000", "yes, it is" -> "yes it is",
-    "black-and-white" -> "black and white". Periods go unless a digit follows: "2.5" stays.
+    "black-and-white" -> "black and white". Periods go unless a digit follows ("2.5" stays), the first 32 of
+    them only ("..." -> "", "...5" -> ".5").
     """
     has_digit_comma = DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for mark in PUNCTUATION:
         touches_space = f"{mark} " in text or f" {mark}" in text  # tested on the input, as officially
         out = out.replace(mark, "" if touches_space or has_digit_comma else " ")
-    return PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+    return PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=PERIOD_LIMIT)
 
 
 def canonical_words(text: str) -> str:
@@ -86,23 +92,43 @@ def canonical_words(text: str) -> str:
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
 
 
+def clean_whitespace(answer: str) -> str:
+    """Newlines and tabs to spaces, outer whitespace stripped: all the official script does to every answer."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 @functools.lru_cache(maxsize=1 << 16)  # answers repeat a lot: VQAv2 val normalises 2.3M strings
 def normalize_answer(answer: str) -> str:
     """Normalise an answer as the official VQA evaluation does: "Two." -> "2", "the dog" -> "dog"."""
-    cleaned = answer.replace("\n", " ").replace("\t", " ").strip()
-    return canonical_words(strip_punctuation(cleaned))
+    return canonical_words(strip_punctuation(clean_whitespace(answer)))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+def check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
+
+
+def compared_answers(prediction: str, answers: Sequence[str], normalize: Normalize = "official") -> tuple[str, list[str]]:
+    """(prediction, answers) as they are compared. ``"official"``: normalised only when the human answers
+    (whitespace-cleaned) are not all the same string; ``"always"``: normalised for every question."""
+    check_normalize(normalize)
+    prediction, answers = clean_whitespace(prediction), [clean_whitespace(answer) for answer in answers]
+    if normalize == "always" or len(set(answers)) > 1:
+        return normalize_answer(prediction), [normalize_answer(answer) for answer in answers]
+    return prediction, answers
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], normalize: Normalize = "official") -> float:
     """Accuracy in [0, 1] of one predicted answer against the human answers of one question.
 
     With 10 answers: 0 matches -> 0.0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, 4 or more -> 1.0 (leave-one-out
-    average of min(matches / 3, 1)). With one answer: exact match after normalisation.
+    average of min(matches / 3, 1)). With one answer: exact match. ``normalize``: see ``compared_answers``
+    (the official default compares unanimous answers unnormalised: "Yes" against ten "yes" scores 0).
     """
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError(f"vqa_accuracy needs a non-empty list of human answers, got {answers!r}")
-    predicted = normalize_answer(prediction)
-    is_match = [normalize_answer(answer) == predicted for answer in answers]
+    predicted, answers = compared_answers(prediction, answers, normalize)
+    is_match = [answer == predicted for answer in answers]
     if len(is_match) == 1:
         return float(is_match[0])
     threshold = min(OFFICIAL_MATCH_THRESHOLD, len(is_match) - 1)
@@ -140,7 +166,9 @@ def _mean_by_group(scores: list[float], groups: list[str | None], field: str) ->
     return {group: sum(values) / len(values) for group, values in sorted(members.items())}
 
 
-def evaluate_vqa(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Any]) -> dict[str, Any]:
+def evaluate_vqa(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Any], normalize: Normalize = "official"
+) -> dict[str, Any]:
     """Mean VQA accuracy (fraction in [0, 1]) over questions, with per-type breakdowns when given.
 
     predictions: question id -> predicted answer.
@@ -148,6 +176,7 @@ def evaluate_vqa(predictions: Mapping[Hashable, str], references: Mapping[Hashab
     ``{"answers": [str or {"answer": str}, ...], "question_type": ..., "answer_type": ...}``.
     Returns ``{"overall", "num_questions"}`` plus ``"per_question_type"`` / ``"per_answer_type"``
     when the references carry those fields. Both mappings must cover the same question ids.
+    ``normalize``: "official" (normalise only questions whose human answers differ) or "always".
     """
     missing = [qid for qid in references if qid not in predictions]
     extra = [qid for qid in predictions if qid not in references]
@@ -160,7 +189,7 @@ def evaluate_vqa(predictions: Mapping[Hashable, str], references: Mapping[Hashab
     scores, question_types, answer_types = [], [], []
     for qid, reference in references.items():
         answers, question_type, answer_type = _reference_fields(qid, reference)
-        scores.append(vqa_accuracy(predictions[qid], answers))
+        scores.append(vqa_accuracy(predictions[qid], answers, normalize))
         question_types.append(question_type)
         answer_types.append(answer_type)
     results: dict[str, Any] = {"overall": sum(scores) / len(scores), "num_questions": len(scores)}
