@@ -16,7 +16,7 @@ import torch
 
 import common
 import model_pair
-from blip2.infer.chat import IMAGE_ID, QuestionAnswerFormat, TemplateFormat
+from blip2.data.conversation import IMAGE_ID, conversation_format
 from blip2.infer.decoding import GenerationOptions
 
 TARGET = 3.0  # turn 5
@@ -46,9 +46,9 @@ def our_conversation(model, image, max_new_tokens: int) -> dict:
 
 def hf_conversation(model, hf_model, image, max_new_tokens: int) -> dict:
     """Every turn: preprocess and encode the image, render the whole conversation, ``generate`` over all of it."""
-    llm = model.llm
-    conversation = TemplateFormat(llm) if llm.tokenizer.chat_template else QuestionAnswerFormat(llm)
-    options = GenerationOptions(max_new_tokens=max_new_tokens).hf_kwargs(llm)
+    tokenizer = model.llm_tokenizer
+    conversation = conversation_format(tokenizer)
+    options = GenerationOptions(max_new_tokens=max_new_tokens).hf_kwargs(tokenizer)
     image_token, num_queries = hf_model.config.image_token_id, hf_model.config.num_query_tokens
     messages, seconds, replies, lengths = [], [], [], []
     for question in QUESTIONS:
@@ -59,7 +59,7 @@ def hf_conversation(model, hf_model, image, max_new_tokens: int) -> dict:
         with torch.no_grad():
             out = hf_model.generate(pixel_values=model.pixel_values([image]), input_ids=input_ids,
                                     attention_mask=torch.ones_like(input_ids), **options)  # fmt: skip
-        reply = llm.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+        reply = tokenizer.decode(out[0, len(ids) :])
         messages.append({"role": "assistant", "content": reply})
         seconds.append(time.perf_counter() - start)
         replies.append(reply)
@@ -73,7 +73,7 @@ def image_encoding_seconds(model, image, repeats: int) -> float:
 
     def encode() -> None:
         with torch.no_grad():
-            model.soft_prompt(model.image_features(model.pixel_values([image])))
+            model.model.soft_prompt(model.model.image_features(model.pixel_values([image])))
 
     return common.median(common.interleaved({"encode": encode}, repeats)["encode"])
 

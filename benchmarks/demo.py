@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 
 from blip2.config import VisionConfig
-from blip2.models.vision import build_image_encoder
+from blip2.demo.run import RECIPES
 from blip2.train.recipe import Recipe
+from blip2.weights.encoders import build_image_encoder
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE_FILES = {1: "shapes_stage1.yaml", 2: "shapes_stage2.yaml"}
 
 
 def recipe(stage: int, overrides: list[str] | None = None) -> Recipe:
-    """recipes/shapes_stage{stage}.yaml with ``overrides`` ("train.batch_size=8", ...); stage 2 without its
+    """The demo's shapes_stage{stage}.yaml with ``overrides`` ("train.batch_size=8", ...); stage 2 without its
     stage-1 ``init`` unless an override names one (no stage-1 run is at hand)."""
     return Recipe.load(RECIPES / RECIPE_FILES[stage], (["init=null"] if stage == 2 else []) + (overrides or []))
 
@@ -24,7 +23,7 @@ def recipe(stage: int, overrides: list[str] | None = None) -> Recipe:
 @functools.cache
 def image_tokens() -> tuple[int, int]:
     """(tokens, width) of the default encoder's features for one image at its own input size."""
-    encoder = build_image_encoder(VisionConfig())
+    encoder, preprocess = build_image_encoder(VisionConfig())
     with torch.no_grad():
-        features = encoder(torch.zeros(1, 3, *encoder.preprocess.size))  # [1, N, D]
+        features = encoder(torch.zeros(1, 3, *preprocess.size))  # [1, N, D]
     return features.shape[1], features.shape[2]

@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader
 
 import common
 import demo
-from blip2.data.shapes import generate
-from blip2.train.features import cache_features
+from blip2.data.feature_cache import cache_features, encoder_identity
+from blip2.data.text import Stage1Collate
+from blip2.demo.shapes import generate
 from blip2.train.recipe import Recipe, build_dataset, build_stage_model
-from blip2.train.stages import Stage1Collate, stage1_step
+from blip2.train.stages import stage1_step
 
 TARGET = None  # the issue sets none; the cache must simply not be slower
 STEPS = 2  # per timed run; the split holds exactly the images they take
@@ -57,13 +58,16 @@ def main() -> None:
         train_dir = generate(Path(workdir) / "shapes", {"train": images}, progress=False)["train"]
         cache_dir = Path(workdir) / "features"
         from_images = recipe(train_dir, None, batch_size)
-        model = build_stage_model(from_images).train()
+        parts = build_stage_model(from_images)
+        model = parts.model.train()
+        identity = encoder_identity(model.cfg.vision, parts.preprocess, model.vision)
         start = time.perf_counter()
-        cache_features(model, [str(train_dir)], cache_dir, batch_size=batch_size)
+        cache_features(model.image_features, identity, parts.preprocess, [str(train_dir)], cache_dir,
+                       batch_size=batch_size)
         cache_seconds = time.perf_counter() - start
-        datasets = {"feature cache": build_dataset(recipe(train_dir, cache_dir, batch_size), model),
-                    "images": build_dataset(from_images, model)}  # fmt: skip
-        collate = Stage1Collate(model.tokenizer, from_images.model.qformer.max_text_len)
+        datasets = {"feature cache": build_dataset(recipe(train_dir, cache_dir, batch_size), parts),
+                    "images": build_dataset(from_images, parts)}  # fmt: skip
+        collate = Stage1Collate(parts.qformer_tokenizer, from_images.model.qformer.max_text_len)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         runs = {name: training_run(model, optimizer, data, collate, batch_size) for name, data in datasets.items()}
         seconds = common.interleaved(runs, repeats)

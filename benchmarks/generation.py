@@ -22,14 +22,14 @@ MAX_NEW_TOKENS = 20
 
 def hf_inputs(model, hf_model, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' layout of the same prompt: ``num_query_tokens`` image placeholders, BOS, the prompt."""
-    ids, mask = model.llm.tokenize([PROMPT] * batch, 64, add_bos=True, pad_left=True)  # [B, T]
+    ids, mask = model.llm_tokenizer.tokenize([PROMPT] * batch, 64, add_bos=True, pad_left=True)  # [B, T]
     placeholders = torch.full((batch, hf_model.config.num_query_tokens), hf_model.config.image_token_id)
     return torch.cat([placeholders, ids], 1), torch.cat([torch.ones_like(placeholders), mask], 1)
 
 
-def caption_tokens(llm, token_rows: list[list[int]]) -> int:
+def caption_tokens(tokenizer, token_rows: list[list[int]]) -> int:
     """Generated tokens, each row counted up to and including its first EOS."""
-    eos = llm.eos_token_id
+    eos = tokenizer.eos_token_id
     return sum(row.index(eos) + 1 if eos in row else len(row) for row in token_rows)
 
 
@@ -45,14 +45,14 @@ def run_batch(model, hf_model, pixels: torch.Tensor, repeats: int, max_new_token
     def theirs() -> None:
         with torch.no_grad():
             out = hf_model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask,
-                                    **options.hf_kwargs(model.llm))  # fmt: skip
+                                    **options.hf_kwargs(model.llm_tokenizer))  # fmt: skip
         results["transformers"] = out[:, ids.shape[1] :].tolist()
 
     seconds = common.interleaved({"ours": ours, "transformers": theirs}, repeats)
-    texts = [t.strip() for t in model.llm.tokenizer.batch_decode(results["transformers"], skip_special_tokens=True)]
+    texts = [model.llm_tokenizer.decode(row) for row in results["transformers"]]
     if texts != results["ours"]:
         raise AssertionError(f"greedy captions differ at batch {batch}:\nours {results['ours']}\ntheirs {texts}")
-    tokens = caption_tokens(model.llm, results["transformers"])
+    tokens = caption_tokens(model.llm_tokenizer, results["transformers"])
     return dict(batch=batch, seconds=seconds, tokens=tokens, example=texts[0])
 
 

@@ -24,9 +24,11 @@ import torch
 import common
 import demo
 import model_pair
-from blip2.data.shapes import ShapesConfig, captions, make_scene, text_rng
+from blip2.data.text import Stage1Collate, Stage2Collate
+from blip2.demo.shapes import ShapesConfig, captions, make_scene, text_rng
+from blip2.pipeline import Blip2Pipeline
 from blip2.train.recipe import build_stage_model
-from blip2.train.stages import Stage1Collate, Stage2Collate, stage1_step, stage2_step
+from blip2.train.stages import stage1_step, stage2_step
 
 BUDGET_BYTES = 6e9  # the issue's "< 6 GB" (decimal gigabytes)
 STAGES = {
@@ -53,14 +55,14 @@ def load_model(stage: str, quick: bool):
     if stage not in STAGES.values():
         raise ValueError(f"unknown stage {stage!r}; stages: {sorted(STAGES.values())}")
     if stage == "stage1":
-        return build_stage_model(demo.recipe(1))
-    return model_pair.ours(quick=True) if quick else build_stage_model(demo.recipe(2))
+        return Blip2Pipeline.from_parts(build_stage_model(demo.recipe(1)))
+    return model_pair.ours(quick=True) if quick else Blip2Pipeline.from_parts(build_stage_model(demo.recipe(2)))
 
 
-def caption_items(model, batch: int) -> list[dict]:
+def caption_items(pipe, batch: int) -> list[dict]:
     """Shapes-world captions with frozen features of the encoder's shape (random values, as from a cache)."""
     cfg = ShapesConfig()
-    shape = model.image_features(torch.zeros(1, 3, *model.vision.preprocess.size)).shape[1:]  # [N, D]
+    shape = pipe.model.image_features(torch.zeros(1, 3, *pipe.preprocess.size)).shape[1:]  # [N, D]
     items = []
     for index in range(batch):
         scene = make_scene("train", index, cfg)
@@ -69,13 +71,14 @@ def caption_items(model, batch: int) -> list[dict]:
     return items
 
 
-def train_steps(model, stage: str, batch_size: int, steps: int = 2) -> None:
+def train_steps(pipe, stage: str, batch_size: int, steps: int = 2) -> None:
     """``steps`` AdamW steps of the stage's loss on one collated batch (the optimizer state exists from step 1 on)."""
-    items = caption_items(model, batch_size)
+    items = caption_items(pipe, batch_size)
+    model = pipe.model
     if stage == "stage1":
-        batch, step_fn = Stage1Collate(model.tokenizer, model.cfg.qformer.max_text_len)(items), stage1_step
+        batch, step_fn = Stage1Collate(pipe.qformer_tokenizer, model.cfg.qformer.max_text_len)(items), stage1_step
     else:
-        batch, step_fn = Stage2Collate(model.llm, model.cfg.llm.max_text_len)(items), stage2_step
+        batch, step_fn = Stage2Collate(pipe.llm_tokenizer, model.cfg.llm.max_text_len)(items), stage2_step
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     for _ in range(steps):
@@ -88,7 +91,8 @@ def train_steps(model, stage: str, batch_size: int, steps: int = 2) -> None:
 def generate(model, images: int, batch_size: int) -> None:
     """Caption ``images`` pictures, then a 3-turn chat about the first."""
     pictures = model_pair.scene_images(images)
-    model.eval().caption(pictures, batch_size=batch_size, max_new_tokens=30)
+    model.model.eval()
+    model.caption(pictures, batch_size=batch_size, max_new_tokens=30)
     session = model.chat(pictures[0])
     for question in ("What is in the picture?", "What colour is it?", "Where is it?"):
         session.ask(question, max_new_tokens=30)

@@ -18,12 +18,15 @@ from PIL import Image
 
 import demo
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from blip2.data.shapes import ShapesConfig, make_scene, render
-from blip2.models.blip2 import Blip2Model
-from blip2.models.language import FrozenLLM, build_llm, llm_from_hf
-from blip2.models.vision import image_encoder_from_hf
+from blip2.data.text import LLMTokenizer
+from blip2.demo.shapes import ShapesConfig, make_scene, render
+from blip2.factory import assemble
+from blip2.models.language import FrozenLLM
+from blip2.pipeline import Blip2Pipeline
 from blip2.weights.bert import init_qformer_from_bert, load_tokenizer
+from blip2.weights.encoders import image_encoder_from_hf
 from blip2.weights.gguf import smollm2_dir
+from blip2.weights.llms import build_llm, llm_from_hf
 
 # a ViT-S/16-wide tower cut to 4 layers (2.9 GFLOP per 224 px image): the image costs something, as it does in
 # BLIP-2, without dominating a CPU run (BLIP-2's EVA ViT-g costs ~500 GFLOP)
@@ -37,7 +40,7 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)  # fmt: skip
 
 
-def _llm(quick: bool) -> FrozenLLM:
+def _llm(quick: bool) -> tuple[FrozenLLM, LLMTokenizer]:
     if not quick:
         return build_llm(LLMConfig(kind="smollm2"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir(), local_files_only=True)
@@ -48,7 +51,7 @@ def _llm(quick: bool) -> FrozenLLM:
     return llm_from_hf(transformers.LlamaForCausalLM(config), tokenizer)
 
 
-def ours(quick: bool, seed: int = 0) -> Blip2Model:
+def ours(quick: bool, seed: int = 0) -> Blip2Pipeline:
     """Our model: random vision tower, the demo's Q-Former (MiniLM init; tiny and random when ``quick``), an LLM."""
     torch.manual_seed(seed)
     vision = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(**(TINY_VISION if quick else VISION)))
@@ -59,13 +62,14 @@ def ours(quick: bool, seed: int = 0) -> Blip2Model:
         qformer=dataclasses.replace(qformer, encoder_width=vision.config.hidden_size),
         llm=LLMConfig(kind="hf", path="in-memory"),
     )
-    model = Blip2Model(cfg, image_encoder_from_hf(vision), load_tokenizer(cfg.qformer.tokenizer), llm)
+    parts = assemble(cfg, image_encoder_from_hf(vision), load_tokenizer(cfg.qformer.tokenizer), llm)
     if cfg.qformer.init_from:
-        init_qformer_from_bert(model.qformer, cfg.qformer.init_from)
-    return model.eval()
+        init_qformer_from_bert(parts.model.qformer, cfg.qformer.init_from)
+    parts.model.eval()
+    return Blip2Pipeline.from_parts(parts)
 
 
-def pair(workdir: Path, quick: bool) -> tuple[Blip2Model, transformers.Blip2ForConditionalGeneration]:
+def pair(workdir: Path, quick: bool) -> tuple[Blip2Pipeline, transformers.Blip2ForConditionalGeneration]:
     """(ours, transformers' model loaded from ``ours.export_hf``): the same weights on both sides."""
     model = ours(quick)
     directory = model.export_hf(Path(workdir) / "blip2-hf")

@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from blip2.api import build_model, load
+from blip2.factory import build
+from blip2.pipeline import load
+from blip2.weights.checkpoint import save_checkpoint
 from blip2.cli import build_parser, main
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 
@@ -33,11 +35,11 @@ def checkpoint(tiny_parts, randomize, tmp_path):
         qformer=QFormerConfig(**TINY_QFORMER),
         llm=LLMConfig(kind="hf", path=str(llm_dir)),
     )
-    model = build_model(cfg, init_qformer=False)
+    model = build(cfg, init_qformer=False).model
     trainable = [model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head, model.llm_proj]
     for offset, part in enumerate(trainable):
         randomize(part, 10 + offset)
-    return model.save(tmp_path / "checkpoint")
+    return save_checkpoint(model, tmp_path / "checkpoint")
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import json
 import shutil
 
 from blip2.data.feature_cache import FeatureCache
-from blip2.demo import BARS, DemoConfig, run_demo
+from blip2.demo.run import BARS, DemoConfig, run_demo
 
 
 def tiny_demo(tmp_path, train: int = 16, **overrides) -> DemoConfig:

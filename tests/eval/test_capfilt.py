@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from blip2.data.datasets import open_dataset
-from blip2.data.shapes import ShapesConfig, generate
-from blip2.infer.capfilt import Candidate, capfilt, select
+from blip2.demo.shapes import ShapesConfig, generate
+from blip2.eval.capfilt import Candidate, capfilt, select
 
 SAMPLING = dict(do_sample=True, top_p=0.9)
 

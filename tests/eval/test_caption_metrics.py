@@ -73,7 +73,7 @@ def test_input_errors_name_the_problem():
 
 
 def test_without_java_falls_back_and_skips_java_metrics(monkeypatch):
-    monkeypatch.setattr(captioning, "find_java", lambda: None)
+    monkeypatch.setattr(caption_metrics, "find_java", lambda: None)
     predictions = {0: "a cat sits on the mat", 1: "a dog runs in the park"}
     references = {0: ["the cat is on the mat"], 1: ["a dog runs in the park", "a dog running in a park"]}
     with pytest.warns(MetricSkippedWarning) as caught:

@@ -10,28 +10,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from blip2.api import build_model
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from blip2.data.datasets import DatasetFormatError, open_dataset
-from blip2.data.feature_cache import FeatureCache, write_feature_cache
-from blip2.data.shapes import ShapesConfig, generate
-from blip2.eval import tasks
-from blip2.eval.captioning import evaluate_captions
-from blip2.eval.grounding import evaluate_grounding
-from blip2.eval.retrieval import recall_at_k
-from blip2.eval.tasks import (
-    evaluate,
-    evaluate_captioning,
-    evaluate_retrieval,
-    evaluate_vqa_task,
-    question_types,
-    recall_ceiling,
-    retrieval_scores,
-)
-from blip2.eval.vqa import evaluate_vqa
+from blip2.data.datasets import open_dataset
+from blip2.data.feature_cache import FeatureCache, cache_features, encoder_identity, write_feature_cache
+from blip2.data.records import DatasetFormatError
+from blip2.data.text import Stage2Collate
+from blip2.demo.shapes import ShapesConfig, generate
+from blip2.eval import run_vqa
+from blip2.eval.caption_metrics import evaluate_captions
+from blip2.eval.evaluate import evaluate
+from blip2.eval.retrieval_metrics import recall_at_k
+from blip2.eval.run_caption import evaluate_captioning
+from blip2.eval.run_grounding import evaluate_grounding
+from blip2.eval.run_retrieval import evaluate_retrieval, recall_ceiling, retrieval_scores
+from blip2.eval.run_vqa import evaluate_vqa_task, question_types
+from blip2.eval.vqa_metrics import evaluate_vqa
+from blip2.factory import build
 from blip2.models.losses import prompt_spread, text_losses
-from blip2.train.stages import Stage2Collate
-from blip2.train.features import cache_features
+from blip2.pipeline import Blip2Pipeline
 
 CHEAP_METRICS = ("Bleu", "ROUGE_L", "CIDEr")  # METEOR starts a JVM with a 60 MB table (~10 s): tested in test_captioning
 
@@ -39,7 +35,7 @@ CHEAP_METRICS = ("Bleu", "ROUGE_L", "CIDEr")  # METEOR starts a JVM with a 60 MB
 
 @pytest.fixture
 def make_model(tiny_parts, randomize):
-    """``make_model(stage2=True)``: a Blip2Model on tiny random parts (OPT LLM; stage 1: none)."""
+    """``make_model(stage2=True)``: a pipeline on tiny random parts (OPT LLM; stage 1: none)."""
 
     def make(stage2: bool = True, seed: int = 0):
         vision_dir, llm_dir = tiny_parts("opt" if stage2 else None)
@@ -47,12 +43,15 @@ def make_model(tiny_parts, randomize):
                                 num_query_tokens=4, embed_dim=16, init_from=None)
         llm = LLMConfig(kind="hf", path=str(llm_dir)) if stage2 else None
         torch.manual_seed(seed)
-        model = build_model(Blip2Config(VisionConfig(kind="hf", path=str(vision_dir)), qformer, llm), init_qformer=False)
+        pipe = Blip2Pipeline.from_parts(
+            build(Blip2Config(VisionConfig(kind="hf", path=str(vision_dir)), qformer, llm), init_qformer=False))
+        model = pipe.model
         for offset, part in enumerate([model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head]):
             randomize(part, seed + 2 + offset)
         if model.llm_proj is not None:
             randomize(model.llm_proj, seed + 9)
-        return model.eval()
+        model.eval()
+        return pipe
 
     return make
 
@@ -70,13 +69,13 @@ def records_of(split, task="caption"):
 def count_encoded_images(model, monkeypatch) -> list[int]:
     """Record how many images each call of the frozen encoder gets."""
     calls: list[int] = []
-    encode = model.image_features
+    encode = model.model.image_features
 
     def counting(pixel_values):
         calls.append(len(pixel_values))
         return encode(pixel_values)
 
-    monkeypatch.setattr(model, "image_features", counting)
+    monkeypatch.setattr(model.model, "image_features", counting)
     return calls
 
 
@@ -163,7 +162,7 @@ def test_vqa_oracle_scores_one_and_questions_without_answers_get_predictions_onl
     data = tmp_path / "vqa.json"
     data.write_text(json.dumps(questions))
     oracle = {"Question: what color is it? Answer:": "Red.", "Question: how many? Answer:": "2"}
-    monkeypatch.setattr(tasks, "texts_from_features", lambda model, features, prompts, options: [oracle[p] for p in prompts])
+    monkeypatch.setattr(run_vqa, "texts_from_features", lambda model, features, prompts, options: [oracle[p] for p in prompts])
     results = evaluate_vqa_task(make_model(), data, progress=False, normalize="always")
     assert results["metrics"]["overall"] == 1.0
     # the official default leaves ten unanimous "red" unnormalised: "Red." misses them
@@ -211,15 +210,15 @@ def test_rerank_score_is_itm_plus_itc_on_the_itc_top_k(make_model):
     model = make_model(stage2=False)
     texts = ["a red circle", "two blue squares", "a green star on the left", "an image of a cross", "yellow", "purple"]
     with torch.no_grad():
-        features = model.image_features(torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)))  # [5, N, D]
+        features = model.model.image_features(torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)))  # [5, N, D]
         itc, i2t, t2i = retrieval_scores(model, features, texts, k=2, batch_size=4)
-        image_embeds = model.image_embeds_itc(model.query_states(features).queries)  # [5, Q, E]
-        text_embeds = model.text_embeds_itc(*model.tokenize_text(texts))  # [6, E]
+        image_embeds = model.model.image_embeds_itc(model.model.query_states(features).queries)  # [5, Q, E]
+        text_embeds = model.model.text_embeds_itc(*model.tokenize_text(texts))  # [6, E]
         torch.testing.assert_close(itc, torch.einsum("iqe,te->iqt", image_embeds, text_embeds).amax(1))
         for image in range(5):
             top = itc[image].topk(2).indices
             ids, mask = model.tokenize_text([texts[t] for t in top])
-            itm = model.itm_logits(features[image].expand(2, -1, -1), ids, mask)[:, 1]
+            itm = model.model.itm_logits(features[image].expand(2, -1, -1), ids, mask)[:, 1]
             torch.testing.assert_close(i2t[image, top], itm + itc[image, top], atol=1e-5, rtol=1e-5)
             rest = [t for t in range(6) if t not in top]
             assert i2t[image, rest].max() < i2t[image, top].min()  # re-ranked candidates come first
@@ -227,7 +226,7 @@ def test_rerank_score_is_itm_plus_itc_on_the_itc_top_k(make_model):
         for text in range(6):
             top = itc[:, text].topk(2).indices
             ids, mask = model.tokenize_text([texts[text]] * 2)
-            itm = model.itm_logits(features[top], ids, mask)[:, 1]
+            itm = model.model.itm_logits(features[top], ids, mask)[:, 1]
             torch.testing.assert_close(t2i[text, top], itm + itc[top, text], atol=1e-5, rtol=1e-5)
 
 
@@ -258,12 +257,14 @@ def test_retrieval_encodes_each_image_once_and_reports_itc_itm_and_ceiling(make_
 def test_retrieval_from_a_feature_cache_matches_and_never_runs_the_encoder(make_model, split, tmp_path, monkeypatch):
     model = make_model(stage2=False)
     direct = evaluate_retrieval(model, split, k=3, limit=6, progress=False)
-    cache = cache_features(model, [str(split)], tmp_path / "cache", dtype="float32")
+    identity = encoder_identity(model.cfg.vision, model.preprocess, model.model.vision)
+    cache = cache_features(model.model.image_features, identity, model.preprocess, [str(split)], tmp_path / "cache",
+                           dtype="float32")
 
     def refuse(pixel_values):
         raise AssertionError("the encoder ran although features were cached")
 
-    monkeypatch.setattr(model, "image_features", refuse)
+    monkeypatch.setattr(model.model, "image_features", refuse)
     cached = evaluate_retrieval(model, split, k=3, limit=6, features=cache, progress=False)
     for name in ("itc", "itc_itm"):
         assert cached[name] == pytest.approx(direct[name])
@@ -293,13 +294,13 @@ def install_oracle(model, monkeypatch, captions: list[list[str]]):
         weights[text] = torch.zeros(n).index_put_((torch.tensor(owners),), 1.0 - 0.1 * torch.arange(len(owners)))
 
     def text_weights(ids, mask):
-        texts = [model.tokenizer.decode(row[row_mask.bool()], skip_special_tokens=True) for row, row_mask in zip(ids, mask)]
+        texts = [model.qformer_tokenizer.decode(row[row_mask.bool()], skip_special_tokens=True) for row, row_mask in zip(ids, mask)]
         return torch.stack([weights[text] for text in texts])  # [B, n]
 
-    monkeypatch.setattr(model, "query_states", lambda features: SimpleNamespace(queries=features))  # [B, 1, n]
-    monkeypatch.setattr(model, "image_embeds_itc", lambda queries: queries)
-    monkeypatch.setattr(model, "text_embeds_itc", lambda ids, mask: F.normalize(text_weights(ids, mask), dim=-1))
-    monkeypatch.setattr(model, "itm_logits", lambda features, ids, mask: torch.stack(
+    monkeypatch.setattr(model.model, "query_states", lambda features: SimpleNamespace(queries=features))  # [B, 1, n]
+    monkeypatch.setattr(model.model, "image_embeds_itc", lambda queries: queries)
+    monkeypatch.setattr(model.model, "text_embeds_itc", lambda ids, mask: F.normalize(text_weights(ids, mask), dim=-1))
+    monkeypatch.setattr(model.model, "itm_logits", lambda features, ids, mask: torch.stack(
         [torch.zeros(len(ids)), (features[:, 0] * text_weights(ids, mask)).sum(-1)], dim=1))  # [B, 2]
 
 
@@ -347,14 +348,14 @@ def test_grounding_scores_each_caption_under_its_own_and_the_previous_images_pro
     assert results["num_images"] == 5 and results["num_texts"] == 25 and results["skipped_images"] == 0
 
     with torch.no_grad():
-        features = model.image_features(model.pixel_values([r.image for r in records]))  # [5, N, D]
-        prompts = model.soft_prompt(features)  # [5, Q, H]
-    collate = Stage2Collate(model.llm, model.cfg.llm.max_text_len)
+        features = model.model.image_features(model.pixel_values([r.image for r in records]))  # [5, N, D]
+        prompts = model.model.soft_prompt(features)  # [5, Q, H]
+    collate = Stage2Collate(model.llm_tokenizer, model.cfg.llm.max_text_len)
 
     def loss(prompt_row: int, text: str) -> float:
         batch = collate([{"image": torch.zeros(1), "image_id": "x", "text": text}])
         with torch.no_grad():
-            summed, tokens = text_losses(model, prompts[prompt_row:prompt_row + 1], batch)
+            summed, tokens = text_losses(model.model, prompts[prompt_row:prompt_row + 1], batch)
         return float(summed / tokens)
 
     # image 3 is first in the second batch (3 images per batch): its "other" is image 2, carried over
@@ -380,7 +381,7 @@ def test_grounding_scores_each_caption_under_its_own_and_the_previous_images_pro
 def test_a_visual_prompt_that_ignores_the_image_has_no_grounding(make_model, split):
     model = make_model()
     with torch.no_grad():
-        model.llm_proj.weight.zero_()  # the prompt is the projection's bias, the same for every image
+        model.model.llm_proj.weight.zero_()  # the prompt is the projection's bias, the same for every image
     metrics = evaluate_grounding(model, split, limit=6, batch_size=4, progress=False)["metrics"]
     assert metrics["gap"] == 0.0 and metrics["own_better"] == 0.5 and metrics["prompt_spread"] == 0.0
     assert metrics["loss_own"] > 0

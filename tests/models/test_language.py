@@ -8,16 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
     LlamaModel,
-    OPTConfig,
-    OPTForCausalLM,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 
 from blip2.config import ConfigError, LLMConfig

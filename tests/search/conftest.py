@@ -13,7 +13,8 @@ import torch
 import transformers
 from PIL import Image
 
-from blip2.api import build_model
+from blip2.factory import build
+from blip2.weights.checkpoint import save_checkpoint
 from blip2.config import Blip2Config, QFormerConfig, VisionConfig
 
 NUM_QUERIES = 4
@@ -44,10 +45,10 @@ def save_tiny_model(folder: Path, seed: int = 0, embed_dim: int = 16) -> Path:
                               cross_attention_freq=1, init_from=None),  # fmt: skip
         llm=None,
     )
-    model = build_model(cfg, init_qformer=False)
+    model = build(cfg, init_qformer=False).model
     for offset, part in enumerate([model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head]):
         _randomize(part, seed + 10 + offset)
-    return model.save(folder / f"model-{seed}-{embed_dim}")
+    return save_checkpoint(model, folder / f"model-{seed}-{embed_dim}")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2.api import load
+from blip2.pipeline import load
 from blip2.search import Index, SearchIndexError, model_identity
 
 TEXT = "w1 photo of w2 cat"
@@ -62,8 +62,8 @@ def test_image_query_and_rerank_follow_their_definitions(models, photos, tmp_pat
 
     itc_order, itc = brute_force(model, files, model.text_embeddings(TEXT))
     with torch.no_grad():
-        features = model.image_features(model.pixel_values([str(f) for f in files]))
-        itm = model.itm_logits(features, *model.tokenize_text([TEXT] * len(files)))[:, 1]  # the "match" logit
+        features = model.model.image_features(model.pixel_values([str(f) for f in files]))
+        itm = model.model.itm_logits(features, *model.tokenize_text([TEXT] * len(files)))[:, 1]  # the "match" logit
     top = itc_order[:5]
     final = {i: (itm[i] + itc[i].float()).item() for i in top}
     expected = sorted(top, key=lambda i: (-final[i], i)) + itc_order[5:]

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from blip2.api import load
+from blip2.pipeline import load
 from blip2.search import Index
 
 IMAGES = 300

@@ -29,11 +29,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import default_collate
 
-from blip2.api import build_model
 from blip2.config import Blip2Config
+from blip2.distributed import get_rank, setup_distributed, teardown_distributed
+from blip2.factory import build
 from blip2.models import losses
-from blip2.train.distributed import full_tensor, get_rank, setup_distributed, teardown_distributed
-from blip2.train.trainer import TrainConfig, Trainer
+from blip2.train.config import TrainConfig
+from blip2.train.parallel import full_tensor
+from blip2.train.trainer import Trainer
+from blip2.weights.bert import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tiny worlds of test_trainer.py and test_stages.py
 from test_trainer import Regression, TinyNet, mean_loss, trained_weights  # noqa: E402
@@ -243,7 +246,7 @@ def tiny_stage1_model(vision_dir: Path):
     normal(0, 0.1) (norm scales around 1): at BERT's 0.02 initialisation ITM and ITG barely see their inputs, and a
     wrong negative or target would change the losses by less than the tolerance."""
     vision = {"kind": "hf", "path": str(vision_dir)}
-    model = build_model(Blip2Config.from_dict({"vision": vision, "qformer": TINY_QFORMER}))
+    model = build(Blip2Config.from_dict({"vision": vision, "qformer": TINY_QFORMER})).model
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for module in model.modules():  # temp (on the model itself) keeps its value
@@ -261,7 +264,7 @@ def stage1_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.
                            generator=torch.Generator().manual_seed(1))  # [G, N, D]
     share = len(STAGE1_TEXTS) // world
     rows = slice(rank * share, (rank + 1) * share)
-    tok = model.tokenizer(STAGE1_TEXTS[rows], padding="longest", return_tensors="pt")
+    tok = load_tokenizer("minilm")(STAGE1_TEXTS[rows], padding="longest", return_tensors="pt")
     found = losses.stage1_losses(model, features[rows], tok.input_ids, tok.attention_mask)
     return {**{name: value.detach() for name, value in found.items()},
             "width": torch.tensor(tok.input_ids.shape[1]), "itg_tokens": tok.attention_mask[:, 1:].sum()}
@@ -305,7 +308,7 @@ def itm_on_share(vision_dir: Path, rank: int, world: int) -> dict[str, torch.Ten
                            generator=torch.Generator().manual_seed(1))  # [G, N, D]
     share = len(STAGE1_TEXTS) // world
     rows = slice(rank * share, (rank + 1) * share)
-    tok = model.tokenizer(STAGE1_TEXTS[rows], padding="longest", return_tensors="pt")
+    tok = load_tokenizer("minilm")(STAGE1_TEXTS[rows], padding="longest", return_tensors="pt")
     sim_i2t, sim_t2i = peaked_similarities(len(STAGE1_TEXTS))
     embeds = model.vision_norm(features[rows])  # [B, N, D]
     loss = losses.itm_loss(model, embeds, tok.input_ids, tok.attention_mask, sim_i2t[rows], sim_t2i[rows],

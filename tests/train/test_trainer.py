@@ -17,17 +17,10 @@ from torch.utils.data import Dataset, IterableDataset
 
 from blip2.config import ConfigError
 from blip2.train.checkpointing import latest_checkpoint, list_checkpoints
-from blip2.train.trainer import (
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-    batch_size_of,
-    build_param_groups,
-    cpu_has_native_bf16,
-    epoch_batches,
-    lr_factor,
-    set_learning_rates,
-)
+from blip2.train.config import TrainConfig
+from blip2.train.optim import build_param_groups, lr_factor, set_learning_rates
+from blip2.train.stream import batch_size_of, epoch_batches
+from blip2.train.trainer import NonFiniteLossError, Trainer, cpu_has_native_bf16
 
 # ---- the tiny world ---------------------------------------------------------------------------------------------
 

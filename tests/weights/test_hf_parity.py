@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.factory import assemble, build, load_hf
-from blip2.infer.generation import prompt_inputs
 from blip2.models.blip2 import Blip2Model
 from blip2.models.losses import itc_similarities
 from blip2.pipeline import Blip2Pipeline, load

@@ -34,9 +34,9 @@ def weights_digest(module: nn.Module) -> str:
     """sha256 over a module's state (names, shapes, dtypes, bytes): different weights at the same path differ."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -29,7 +29,7 @@ def model_identity(model: Any) -> str:
     """sha256 (hex) over the model's config and its trainable weights: two models with the same identity embed
     alike. The frozen encoder is named by the config, not hashed."""
     digest = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.trainable_state_dict().items()):
+    for name, tensor in sorted(model.model.trainable_state_dict().items()):
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(flat.view(torch.uint8).numpy())
@@ -55,7 +55,7 @@ def text_vectors(model: Any, texts: Sequence[str], batch_size: int = 64) -> np.n
 @torch.no_grad()
 def image_features(model: Any, images: Sequence[Image.Image]) -> torch.Tensor:
     """The frozen encoder's features [B, N, D] (what ITM reads), on the CPU."""
-    return model.image_features(model.pixel_values(list(images))).cpu()
+    return model.model.image_features(model.pixel_values(list(images))).cpu()
 
 
 @torch.no_grad()
@@ -65,4 +65,4 @@ def itm_match_logits(model: Any, features: torch.Tensor, text: str) -> torch.Ten
     features: [P, N, D] -> [P] float32.
     """
     ids, mask = model.tokenize_text([text] * len(features))  # [P, T]
-    return model.itm_logits(features.to(model.device), ids, mask)[:, 1].float().cpu()
+    return model.model.itm_logits(features.to(model.device), ids, mask)[:, 1].float().cpu()

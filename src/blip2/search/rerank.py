@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from blip2.eval.retrieval import rerank_topk
+from blip2.eval.retrieval_metrics import rerank_topk
 from blip2.search import model_api
 
 

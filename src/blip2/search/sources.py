@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from blip2.data.datasets import IMAGE_EXTENSIONS, detect_kind, expand_shards, read_records
+from blip2.data.records import IMAGE_EXTENSIONS, detect_kind, read_records
+from blip2.data.shards import expand_shards
 from blip2.search.errors import SearchIndexError
 
 MANIFEST_NAME = "captions.jsonl"
