@@ -7,7 +7,7 @@ from pathlib import Path
 
 from blip2.data.feature_cache import cache_features as cache_dataset_features
 from blip2.data.feature_cache import encoder_identity
-from blip2.demo.run import DemoConfig, run_demo
+from blip2.demo.run import DemoConfig, recipe_file, run_demo
 from blip2.demo.shapes import ShapesConfig, generate
 from blip2.factory import Parts, build, load_parts
 from blip2.train.plot import plot_run
@@ -29,7 +29,7 @@ def shapes(out: str = "data/shapes", train: int = 4000, val: int = 100, test: in
 def encoder_of(source: str) -> Parts:
     """A model with the image encoder that ``source`` (a model source or a recipe .yaml) names."""
     if source.endswith((".yaml", ".yml")):
-        cfg = Recipe.load(source).model
+        cfg = Recipe.load(recipe_file(source)).model
         return build(dataclasses.replace(cfg, llm=None), init_qformer=False)
     return load_parts(source)
 
@@ -39,8 +39,8 @@ def cache_features(data: list[str], out: str = "features", model: str = "default
     """Run the frozen image encoder once over DATA and store its features in OUT (memory-mapped .npy shards).
 
     DATA: manifests (.jsonl/.csv), COCO or VQA JSON, WebDataset shards or shapes-world split folders; each distinct
-    image is encoded once (eval preprocessing, no augmentation). MODEL is a model source or a recipe .yaml whose
-    model section names the encoder. Train from the cache with `data.feature_cache=OUT` in the recipe.
+    image is encoded once (eval preprocessing, no augmentation). MODEL is a model source or a recipe .yaml (a file or
+    a packaged recipe such as shapes_stage1.yaml) whose model section names the encoder. Train from the cache with `data.feature_cache=OUT` in the recipe.
     """
     parts = encoder_of(model)
     identity = encoder_identity(parts.model.cfg.vision, parts.preprocess, parts.model.vision)
@@ -50,14 +50,15 @@ def cache_features(data: list[str], out: str = "features", model: str = "default
 
 
 def train(recipe: str, set: list[str] | None = None, resume: str | None = None) -> None:
-    """Train the stage a RECIPE (YAML) describes; under torchrun this runs data-parallel.
+    """Train the stage a RECIPE describes (a YAML file, or a packaged recipe by name: shapes_stage1,
+    shapes_retrieval, shapes_stage2_warmup, shapes_stage2, shapes_vqa); under torchrun this runs data-parallel.
 
     --set KEY=VALUE overrides recipe entries (e.g. --set train.steps=200 data.captions=[my.jsonl]).
     --resume auto continues the newest complete checkpoint in train.out_dir (or give a step folder).
     The final model is written to train.out_dir/final (load it with blip2.load or --model).
     """
     overrides = list(set or []) + ([f"train.resume={resume}"] if resume else [])
-    final = run_recipe(Recipe.load(recipe, overrides))
+    final = run_recipe(Recipe.load(recipe_file(recipe), overrides))
     print(f"model written to {final}")
 
 

@@ -36,6 +36,19 @@ from blip2.train.plot import plot_run  # also selects matplotlib's file-only bac
 from blip2.train.recipe import Recipe, run_recipe
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # package data
+
+
+def recipe_file(spec: str | Path) -> Path:
+    """A recipe file: ``spec`` itself when it exists, else the packaged demo recipe of that name ("shapes_stage1" or
+    "shapes_stage1.yaml"), so `blip2 train shapes_stage1` works from any folder."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    packaged = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise FileNotFoundError(f"recipe {spec} not found: give a recipe file, or one of the packaged recipes: {names}")
 SPECIFIC_CAPTION = 2  # the shapes world's most specific paraphrase (with sizes and positions): the retrieval query
 # the training phases in order, each started from the one before (recipes/shapes_<phase>.yaml): stage 1, its retrieval
 # fine-tune, then stage 2 with the projection alone and with the whole Q-Former
