@@ -66,16 +66,16 @@ def caption_throughput(model, images: list[Image.Image], batch_size: int, max_ne
 def loop_against_generate(model, image: Image.Image, max_new_tokens: int, repeats: int) -> tuple[float, float, int]:
     """Median seconds for one greedy sequence through our cached token loop and through transformers' generate
     (the same tokens: tests check that the two decode alike), interleaved ``repeats`` times."""
-    llm, eos = model.model.llm, model.llm_tokenizer.eos_token_id
+    llm, tokenizer = model.model.llm, model.llm_tokenizer
     with torch.no_grad():
         features = model.model.image_features(model.pixel_values([image]))
         embeds, mask = prompt_inputs(model, features, ["A long story about"])
     options = GenerationOptions(max_new_tokens=max_new_tokens)
-    list(stream_tokens(llm, embeds, mask, GenerationOptions(max_new_tokens=2), eos))  # warm-up
+    list(stream_tokens(llm, embeds, mask, GenerationOptions(max_new_tokens=2), tokenizer))  # warm-up
     loop, hf = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        tokens = list(stream_tokens(llm, embeds, mask, options, eos))
+        tokens = list(stream_tokens(llm, embeds, mask, options, tokenizer))
         loop.append(time.perf_counter() - start)
         start = time.perf_counter()
         with torch.no_grad():

@@ -8,9 +8,15 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-
-from tiny import IMAGE_SIZE, NUMBERED, randomize_, text_model, tiny_pipeline, vision_config, word_tokenizer
-
+from tiny import (
+    IMAGE_SIZE,
+    NUMBERED,
+    randomize_,
+    text_model,
+    tiny_pipeline,
+    vision_config,
+    word_tokenizer,
+)
 
 
 def numbered_tokenizer(bos: bool = True, image_token: bool = False) -> transformers.PreTrainedTokenizerFast:

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from blip2.cli import build_parser, main
+from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.factory import build
 from blip2.pipeline import load
 from blip2.weights.checkpoint import save_checkpoint
-from blip2.cli import build_parser, main
-from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 
 TINY_QFORMER = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=64,
                     num_query_tokens=4, embed_dim=16, cross_attention_freq=1, init_from=None)  # fmt: skip

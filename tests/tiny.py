@@ -19,6 +19,8 @@ from blip2.weights.llms import llm_from_hf
 
 IMAGE_SIZE = 32
 NUM_QUERIES = 4
+TINY_QFORMER = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4, embed_dim=16,
+                    cross_attention_freq=1, init_from=None, tokenizer="minilm", max_text_len=24)
 WORDS = "a photo of cat dog the is on mat what color red blue question answer short system user assistant you are".split()
 NUMBERED = [f"w{i}" for i in range(40)]
 CHATML = (
@@ -142,3 +144,15 @@ def tiny_pipeline(family: str | None = "llama", seed: int = 0, bos_before_image:
         randomize_(part, seed + 2 + offset)
     model.eval()
     return Blip2Pipeline.from_parts(parts)
+
+
+def tiny_recipe(tmp_path, vision_dir, llm_dir, stage: int, root, **train) -> dict:
+    """A recipe (as its YAML mapping) training ``stage`` on tiny saved parts and the shapes split folder ``root``."""
+    llm = {"kind": "hf", "path": str(llm_dir), "max_text_len": 32} if stage == 2 else None
+    return {
+        "stage": stage,
+        "model": {"vision": {"kind": "hf", "path": str(vision_dir)}, "qformer": TINY_QFORMER, "llm": llm},
+        "data": {"captions": [str(root / "train")], "vqa": [str(root / "train")] if stage == 2 else [],
+                 "feature_cache": str(root / "features")},
+        "train": {"steps": 2, "batch_size": 8, "lr": 1e-3, "log_every": 1, "out_dir": str(tmp_path / f"run{stage}"), **train},
+    }

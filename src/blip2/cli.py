@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import logging
 import sys
 import typing
 from collections.abc import Callable
 
 from blip2 import commands
+from blip2.errors import InputError
 
 
 def _option_type(annotation) -> tuple[Callable | None, bool, tuple | None]:
@@ -28,7 +30,7 @@ def _option_type(annotation) -> tuple[Callable | None, bool, tuple | None]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if origin is typing.Literal:
         return type(args[0]), False, tuple(args)
-    if origin is list:
+    if origin in (list, tuple):  # tuple[X, ...]: several values too
         return (args[0] if args else str), True, None
     if args:  # Optional[X] / X | None
         return _option_type(args[0])
@@ -36,6 +38,8 @@ def _option_type(annotation) -> tuple[Callable | None, bool, tuple | None]:
 
 
 FLAG_ALIASES = {"json_output": ["--json"]}  # extra spellings of some options
+OPTION_SPELLING = "__as_option"  # dest suffix of an optional positional's --option spelling
+LOG_LEVELS = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
 
 
 def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, default, dest: str | None = None,
@@ -48,6 +52,9 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, defaul
         optional = default is not inspect.Parameter.empty
         nargs = ("*" if optional else "+") if many else ("?" if optional else None)
         parser.add_argument(name, type=kind, nargs=nargs, choices=choices, **({"default": default} if optional else {}))
+        if optional and not many:  # also spelled as an option (--source PATH for SOURCE)
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=f"{name}{OPTION_SPELLING}", type=kind,
+                                choices=choices, metavar=name.upper(), help=f"the same as {name.upper()}")
         return
     flags = [f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, [])]
     if annotation is bool:
@@ -86,6 +93,9 @@ def _add_command(subparsers, fn: Callable, prefix: str | None = None) -> None:
             groups[name] = (annotation, [f.name for f in fields])
         else:
             _add_argument(parser, name, annotation, param.default, param_kind=param.kind)
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     parser.set_defaults(_fn=fn, _groups=groups, _name=f"{prefix} {command}" if prefix else command)
 
 
@@ -117,13 +127,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positional_values(fn: Callable, args: dict, name: str) -> list:
+    """The values of ``fn``'s positional-only parameters, each given as a positional argument or as its --option."""
+    values = []
+    for param in inspect.signature(fn).parameters.values():
+        if param.kind is not param.POSITIONAL_ONLY:
+            continue
+        value, spelled = args.pop(param.name), args.pop(f"{param.name}{OPTION_SPELLING}", None)
+        if spelled is not None and value != param.default and value != spelled:
+            raise InputError(f"{param.name.upper()} given twice ({value!r} and --{param.name} {spelled!r}): give one")
+        values.append(spelled if spelled is not None else value)
+    return values
+
+
+def _check_utf8(args: dict) -> None:
+    """Text that is not UTF-8 (a byte the terminal could not decode) is refused by name, before any work."""
+    for key, value in args.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = text.encode("utf-8", "backslashreplace").decode()
+                    raise InputError(f"--{key.replace('_', '-')} is not UTF-8 text ({shown}): retype it") from None
+
+
+def configure_logging(level: str) -> None:
+    """Messages of the library (the trainer's "saved", "resumed from") on stderr as "blip2.train: ..."."""
+    logging.basicConfig(level=LOG_LEVELS[level], format="%(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger().setLevel(logging.WARNING)  # other libraries: warnings only
+    logging.getLogger("blip2").setLevel(LOG_LEVELS[level])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     fn, name = args.pop("_fn"), args.pop("_name")
-    positional_only = [p for p, param in inspect.signature(fn).parameters.items() if param.kind is param.POSITIONAL_ONLY]
+    quiet, verbose = args.pop("quiet"), args.pop("verbose")
+    configure_logging("quiet" if quiet else "verbose" if verbose else "normal")
     try:
+        _check_utf8(args)
+        positional = _positional_values(fn, args, name)
         args = _regroup(args)  # a dataclass option may reject its values
-        result = fn(*[args.pop(p) for p in positional_only], **args)
+        result = fn(*positional, **args)
     except commands.USER_ERRORS as err:
         print(f"blip2 {name}: error: {err}", file=sys.stderr)
         return 2

@@ -13,11 +13,13 @@ from typing import Any
 
 import yaml
 
+from blip2.errors import InputError
+
 VISION_KINDS = ("efficientnet_lite0", "timm", "hf")
 LLM_KINDS = ("smollm2", "hf")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value is missing, unknown or inconsistent."""
 
 
@@ -42,6 +44,10 @@ class VisionConfig:
     # token of a spatial map (a multiple of 4; the Q-Former's cross-attention has no image positions of
     # its own). None: the kind's default, 32 for efficientnet_lite0 (docs/vision.md), 0 for timm.
     position_channels: int | None = None
+    # kind hf: preprocess with the directory's own transformers image processor, pixel for pixel what transformers
+    # gives (set for models loaded from a transformers Blip2 directory), instead of this project's torchvision
+    # resize, which models trained here use (the two differ by one grey level on about 0.5% of the pixels)
+    image_processor: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in VISION_KINDS:
@@ -55,6 +61,8 @@ class VisionConfig:
                 "vision.feature_layer and vision.position_channels are for kinds efficientnet_lite0 and timm; "
                 "hf models use BLIP-2's layer choice and their own position embeddings"
             )
+        if self.image_processor and self.kind != "hf":
+            raise ConfigError("vision.image_processor reads a transformers directory's image processor: it needs kind 'hf'")
         if self.position_channels is not None and (self.position_channels < 0 or self.position_channels % 4):
             raise ConfigError(f"vision.position_channels must be a non-negative multiple of 4, got {self.position_channels}")
 
@@ -112,6 +120,10 @@ class LLMConfig:
     dtype: str = "float32"
     bos_before_image: bool = False
     prompt_to_qformer: bool = False
+    # prompts get the special tokens the LLM's tokenizer adds itself, as transformers' Blip2Processor tokenizes them
+    # (set for models loaded from a transformers Blip2 directory), instead of BOS before the text (decoder-only) or
+    # EOS after it (encoder-decoder), the layout models trained here read
+    tokenizer_specials: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in LLM_KINDS:

@@ -19,13 +19,23 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from blip2.config import PRESETS, Blip2Config, LLMConfig, VisionConfig, preset
 from blip2.data.preprocess import Preprocess
 from blip2.data.text import LLMTokenizer
+from blip2.errors import InputError
 from blip2.models.blip2 import Blip2Model
 from blip2.models.language import FrozenLLM
 from blip2.models.vision import ImageEncoder
 from blip2.weights import hf, lavis
 from blip2.weights.bert import init_qformer_from_bert, load_tokenizer
-from blip2.weights.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_checkpoint, load_trainable
-from blip2.weights.encoders import build_image_encoder, image_encoder_from_hf
+from blip2.weights.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    is_checkpoint,
+    load_trainable,
+)
+from blip2.weights.encoders import (
+    build_image_encoder,
+    hf_preprocess,
+    image_encoder_from_hf,
+)
 from blip2.weights.llms import build_llm, llm_from_hf
 
 
@@ -82,11 +92,12 @@ def load_hf(path: str | Path) -> Parts:
     hf_model, retrieval = hf.read_hf(path)
     qformer_tokenizer = hf.qformer_tokenizer_name(path, retrieval)
     tokenizer = load_tokenizer(qformer_tokenizer)
-    llm = None if retrieval else llm_from_hf(
-        hf_model.language_model, AutoTokenizer.from_pretrained(path, local_files_only=True)
-    )
     cfg = hf.config_from_hf(hf_model, path, retrieval, tokenizer, qformer_tokenizer)
-    parts = assemble(cfg, image_encoder_from_hf(hf_model.vision_model), tokenizer, llm)
+    llm = None if retrieval else llm_from_hf(
+        hf_model.language_model, AutoTokenizer.from_pretrained(path, local_files_only=True), cfg.llm.tokenizer_specials
+    )
+    vision = image_encoder_from_hf(hf_model.vision_model, hf_preprocess(cfg.vision, hf_model.vision_model))
+    parts = assemble(cfg, vision, tokenizer, llm)
     hf.load_trainable_from_hf(parts.model, hf_model, path)
     return parts
 
@@ -130,7 +141,7 @@ def load_parts(source: str | Path, **parts) -> Parts:
         return load_hf(path)
     if path.is_file() and path.suffix in (".pth", ".pt", ".bin"):
         return load_lavis(path, **parts)
-    raise ValueError(
+    raise InputError(
         f"{path} is not a model this project can load: expected a directory with {CONFIG_NAME} (saved by "
         "blip2), a transformers Blip2 directory (config.json with model_type 'blip-2'), or a LAVIS .pth file"
     )

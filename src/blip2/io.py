@@ -19,8 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from blip2.errors import InputError
 
-class WeightsFileError(ValueError):
+
+class WeightsFileError(InputError):
     """A weights file is unreadable or is not a plain state dict of tensors."""
 
 
@@ -66,20 +68,27 @@ def write_atomically(directory: str | Path, write: Callable[[Path], None], repla
     return directory
 
 
-def write_text_atomically(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder: readers never see half a file."""
+def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_file)``, then move it onto ``path``: readers never see half a file, and an earlier file at
+    ``path`` stays whole until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        _open_permissions(Path(tmp))
+        write(tmp)
+        _open_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (``write_file_atomically``)."""
+    return write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def check_writable(path: str | Path, what: str) -> Path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from blip2.errors import InputError
+
 CAPTION_PROMPT = ""
 VQA_TEMPLATES = {"decoder-only": "Question: {} Answer:", "encoder-decoder": "Question: {} Short answer:"}
 
@@ -24,5 +26,5 @@ def vqa_template(is_encoder_decoder: bool) -> str:
 def format_questions(questions: Sequence[str], template: str) -> list[str]:
     """Put each question into ``template``, which must hold exactly one ``{}``."""
     if template.count("{}") != 1:
-        raise ValueError(f"prompt_template must contain exactly one '{{}}' where the question goes, got {template!r}")
+        raise InputError(f"prompt_template must contain exactly one '{{}}' where the question goes, got {template!r}")
     return [template.replace("{}", question.strip()) for question in questions]

@@ -11,7 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from blip2.data.bad_images import BadImage, BadImageCounter, BadImageLimitError, collate_skip_bad
+from blip2.data.bad_images import (
+    BadImage,
+    BadImageCounter,
+    BadImageLimitError,
+    collate_skip_bad,
+)
 from blip2.data.datasets import CaptionDataset, VQADataset, open_dataset
 from blip2.data.records import DatasetFormatError, detect_kind
 from blip2.data.shards import ShardDataset, expand_shards
@@ -485,3 +490,64 @@ def test_shards_written_by_webdataset_tarwriter(tmp_path):
 def test_missing_shards_are_reported(tmp_path):
     with pytest.raises(DatasetFormatError, match="3 of 3 shards not found"):
         open_dataset(str(tmp_path / "s-{0..2}.tar"))
+
+
+def test_shard_items_hold_only_our_fields(tmp_path, shards):
+    (caption,) = [i for i in open_dataset(shards / "shards-000000.tar") if i["image_id"] == "000000000"]
+    assert set(caption) == {"image", "text", "image_id"}  # none of webdataset's "__key__"/"__url__"
+    meta = json.dumps({"question": "what color?", "answers": ["red"]}).encode()
+    _write_shard(tmp_path / "vqa.tar", [("k0", {"png": _png_bytes(COLOURS["red"]), "json": meta})])
+    (vqa,) = list(open_dataset(tmp_path / "vqa.tar", task="vqa"))
+    assert set(vqa) == {"image", "question", "answers", "image_id", "question_id"} and vqa["question_id"] == "k0"
+
+
+def test_damaged_shard_does_not_leak_into_the_next(tmp_path):
+    """A damaged shard loses its damaged sample (webdataset alone would pass it on, part-read) and the next shard
+    is read whole."""
+    _write_shard(tmp_path / "a.tar", [_caption_sample(f"a{k:08d}", "red") for k in range(3)])
+    (tmp_path / "a.tar").write_bytes((tmp_path / "a.tar").read_bytes()[:4610])  # in the 2nd sample's .txt data
+    _write_shard(tmp_path / "b.tar", [_caption_sample(f"b{k:08d}", "blue") for k in range(2)])
+    items = list(ShardDataset([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], transform=to_tensor))
+    assert [i["image_id"] if isinstance(i, dict) else "bad" for i in items] == ["a00000000", "bad", "b00000000", "b00000001"]
+    assert all(_colour_of(i) == COLOURS["blue"] for i in items[2:])
+
+
+def test_shards_are_opened_as_local_files_only(tmp_path, monkeypatch):
+    """webdataset's own opener runs "pipe:" names as shell commands; ours opens a file of that name or reports it."""
+    monkeypatch.chdir(tmp_path)
+    (item,) = list(ShardDataset([f"pipe:touch {tmp_path / 'ran'}"]))
+    assert isinstance(item, BadImage) and "unreadable tar shard" in item.reason and "No such file" in item.reason
+    assert not (tmp_path / "ran").exists()
+
+
+def test_shard_patterns_use_webdatasets_expansion(shards, monkeypatch):
+    both = expand_shards(f"{shards}/shards-{{000000..000001}}.tar::{shards}/shards-000003.tar")
+    assert [s[-10:] for s in both] == ["000000.tar", "000001.tar", "000003.tar"]
+    monkeypatch.setenv("WDS_SPLIT", "shards-000002")
+    assert expand_shards(f"{shards}/${{SPLIT}}.tar") == [f"{shards}/shards-000002.tar"]
+    monkeypatch.delenv("WDS_SPLIT")
+    with pytest.raises(DatasetFormatError, match=r"environment variable WDS_NAME, which is not set"):
+        expand_shards(f"{shards}/${{SPLIT}}.tar")
+
+
+def test_training_across_workers_is_reproducible(shards):
+    dataset = open_dataset(shards, train=True, shuffle_buffer=4, seed=2)
+
+    def epoch_order(epoch):
+        dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_skip_bad)
+        return [i for batch in loader for i in batch.get("image_id", [])]
+
+    first = epoch_order(3)
+    assert first == epoch_order(3) and first != epoch_order(4)
+    assert len(first) == len(set(first)) == 11
+
+
+def test_training_shuffle_buffer_mixes_shards(shards):
+    def shard_runs(shuffle_buffer):  # how many runs of consecutive samples from one shard
+        dataset = open_dataset(shards, train=True, shuffle_buffer=shuffle_buffer, seed=0)
+        order = [item["image_id"][:5] for item in dataset if isinstance(item, dict)]  # "00001": shard 1
+        return sum(1 for k in range(len(order)) if k == 0 or order[k] != order[k - 1])
+
+    assert shard_runs(1) == 4  # no buffer: shard by shard (in a shuffled shard order)
+    assert shard_runs(100) > 4

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from blip2.data.text import IGNORE, LLMTokenizer, Stage2Collate
 from conftest import numbered_tokenizer
 from tiny import WORDS, real_like_tokenizer
+
+from blip2.data.text import IGNORE, LLMTokenizer, Stage2Collate
 
 FAMILIES = ("opt", "llama", "t5")
 

@@ -6,8 +6,14 @@ import warnings
 import pytest
 
 from blip2.eval import caption_metrics
-from blip2.eval.caption_metrics import (MetricSkippedWarning, evaluate_captions, find_java, ptb_tokenize,
-                                   simple_tokenize, spice_available)
+from blip2.eval.caption_metrics import (
+    MetricSkippedWarning,
+    evaluate_captions,
+    find_java,
+    ptb_tokenize,
+    simple_tokenize,
+    spice_available,
+)
 
 needs_java = pytest.mark.skipif(find_java() is None, reason="java is not installed")
 FAST = ("Bleu", "ROUGE_L", "CIDEr")  # the pure-Python metrics

@@ -12,17 +12,27 @@ from PIL import Image
 
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.data.datasets import open_dataset
-from blip2.data.feature_cache import FeatureCache, cache_features, encoder_identity, write_feature_cache
+from blip2.data.feature_cache import (
+    FeatureCache,
+    cache_features,
+    encoder_identity,
+    write_feature_cache,
+)
 from blip2.data.records import DatasetFormatError
 from blip2.data.text import Stage2Collate
 from blip2.demo.shapes import ShapesConfig, generate
+from blip2.errors import InputError
 from blip2.eval import run_vqa
 from blip2.eval.caption_metrics import evaluate_captions
 from blip2.eval.evaluate import evaluate
 from blip2.eval.retrieval_metrics import recall_at_k
 from blip2.eval.run_caption import evaluate_captioning
 from blip2.eval.run_grounding import evaluate_grounding
-from blip2.eval.run_retrieval import evaluate_retrieval, recall_ceiling, retrieval_scores
+from blip2.eval.run_retrieval import (
+    evaluate_retrieval,
+    recall_ceiling,
+    retrieval_scores,
+)
 from blip2.eval.run_vqa import evaluate_vqa_task, question_types
 from blip2.eval.vqa_metrics import evaluate_vqa
 from blip2.factory import build
@@ -332,7 +342,7 @@ def test_bad_arguments_are_refused(make_model, split):
         evaluate("captions", model, split)
     with pytest.raises(ValueError, match="limit must be a positive number"):
         evaluate_retrieval(model, split, limit=0, progress=False)
-    with pytest.raises(RuntimeError, match="stage-1 model"):
+    with pytest.raises(InputError, match="stage-1 model"):
         evaluate_vqa_task(model, split, limit=1, progress=False)
 
 
@@ -388,7 +398,7 @@ def test_a_visual_prompt_that_ignores_the_image_has_no_grounding(make_model, spl
 
 
 def test_grounding_refuses_what_it_cannot_measure(make_model, split):
-    with pytest.raises(RuntimeError, match="stage-1 model"):
+    with pytest.raises(InputError, match="stage-1 model"):
         evaluate_grounding(make_model(stage2=False), split, limit=2, progress=False)
     with pytest.raises(ValueError, match="needs at least 2 readable images, got 1"):
         evaluate_grounding(make_model(), split, limit=1, progress=False)

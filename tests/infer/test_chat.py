@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from blip2.data.conversation import IMAGE_ID
+from blip2.errors import InputError
 from blip2.prompts import vqa_template
 
 QUESTIONS = ["what is on the mat", "what color is the cat", "is the dog red", "a photo of what", "w1 w2 w3"]
@@ -62,6 +63,8 @@ def test_cached_turns_equal_recomputed_turns_and_run_only_new_positions(tiny_mod
         previous, previous_reply, previous_fed = stats, reply, list(fed)
         fed.clear()
         assert reply == recomputed.ask(question, max_new_tokens=12), f"turn {turn}"
+        assert stats.reply_ids == recomputed.last_stats.reply_ids, f"turn {turn}"  # token for token, specials too
+        assert stats.reply_ids[:-1] == previous_fed  # all but the last were fed back into the cache
         fed.clear()
     assert cached.history == recomputed.history
     assert [role for role, _ in cached.history] == ["user", "assistant"] * len(QUESTIONS)
@@ -193,7 +196,7 @@ def test_chat_input_errors(tiny_model, image_files, tmp_path):
     with pytest.raises(ValueError, match="context of 256 tokens: reset"):
         session.ask(" ".join(["cat"] * 200), max_new_tokens=50)
     assert session.history == []
-    with pytest.raises(RuntimeError, match="stage-1"):
+    with pytest.raises(InputError, match="stage-1"):
         tiny_model(None).chat(image_files[0])
     broken = tmp_path / "broken.png"
     broken.write_bytes(image_files[0].read_bytes()[:60])

@@ -203,3 +203,48 @@ def test_bos_before_image_needs_a_decoder_only_llm_and_is_not_exported(tiny_mode
     with pytest.raises(KeyMapError, match="transformers' Blip2 puts the visual prompt first"):
         tiny_model("opt", bos_before_image=True).export_hf(tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "t5"])
+def test_generation_options_mean_what_transformers_generate_does_on_both_paths(tiny_model, image_files, family):
+    """min_new_tokens, no_repeat_ngram_size, stop_strings and eos_token_id: transformers' generate (``generate``) and
+    the token loop (``stream``) agree, and each option changes what it should."""
+    model = tiny_model(family, seed=3)
+    image, prompt = image_files[1], "a photo of"
+    plain = model.generate(image, prompt, max_new_tokens=12)[0]
+    words = plain.split()
+    eos = model.llm_tokenizer.eos_token_id
+    choices = [dict(min_new_tokens=12), dict(no_repeat_ngram_size=1), dict(stop_strings=[words[1]]),
+               dict(eos_token_id=[model.llm_tokenizer.hf.convert_tokens_to_ids(words[1])]), dict(min_length=12),
+               dict(max_length=3)]
+    results = {}
+    for choice in choices:
+        gen = choice if "max_length" in choice else {"max_new_tokens": 12, **choice}
+        generated = model.generate(image, prompt, **gen)[0]
+        assert "".join(model.stream(image, prompt, **gen)) == generated, choice
+        results[str(choice)] = generated
+    no_eos = model.generate(image, prompt, max_new_tokens=12, min_new_tokens=12)
+    assert len(model.llm_tokenizer.batch_ids(no_eos)[0]) >= 11 or eos not in model.llm_tokenizer.batch_ids(no_eos)[0]
+    repeats = results[str(dict(no_repeat_ngram_size=1))].split()
+    assert len(repeats) == len(set(repeats))  # no word twice
+    stop = words[1]  # stops at (and keeps) the first text that ends with the stop string / the first stop token
+    first_text = next(k for k in range(1, len(words) + 1) if " ".join(words[:k]).endswith(stop))
+    assert results[str(dict(stop_strings=[stop]))].split() == words[:first_text]
+    first_token = words.index(stop) + 1
+    assert results[str(dict(eos_token_id=[model.llm_tokenizer.hf.convert_tokens_to_ids(stop)]))].split() == words[:first_token]
+    assert results[str(dict(min_length=12))] == model.generate(image, prompt, max_new_tokens=12, min_new_tokens=12)[0]
+    assert results[str(dict(max_length=3))].split() == words[:3]
+
+
+def test_lavis_names_map_and_unknown_names_are_listed():
+    lavis = GenerationOptions.from_kwargs(dict(use_nucleus_sampling=True, min_length=2, max_length=9))
+    assert lavis == GenerationOptions(do_sample=True, top_p=0.9, min_new_tokens=2, max_new_tokens=9)
+    assert GenerationOptions.from_kwargs(dict(use_nucleus_sampling=True, top_p=0.5)).top_p == 0.5
+    with pytest.raises(TypeError, match=r"unknown generation option\(s\) \['beam_size'\]; known: .*min_new_tokens.*"
+                                        r"LAVIS's \['max_length', 'min_length', 'use_nucleus_sampling'\]"):
+        GenerationOptions.from_kwargs(dict(beam_size=3))
+    with pytest.raises(TypeError, match="give max_new_tokens or LAVIS's max_length, not both"):
+        GenerationOptions.from_kwargs(dict(max_length=3, max_new_tokens=4))
+    with pytest.raises(ValueError, match=r"min_new_tokens must be in \[0, max_new_tokens\]"):
+        GenerationOptions(min_new_tokens=5, max_new_tokens=4)
+    assert GenerationOptions(stop_strings="cat", eos_token_id=7).stop_strings == ("cat",)

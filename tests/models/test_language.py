@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import real_like_tokenizer, text_model
 from transformers import (
     LlamaModel,
 )
@@ -17,7 +18,6 @@ from blip2.data.text import LLMTokenizer
 from blip2.models.language import FrozenLLM
 from blip2.weights import gguf as gguf_cache
 from blip2.weights.llms import LLMLoadError, build_llm, llm_from_hf
-from tiny import real_like_tokenizer, text_model
 
 FAMILIES = ("opt", "llama", "t5")
 

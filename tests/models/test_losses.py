@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY_QFORMER
 
-from blip2.api import build_model
 from blip2.config import Blip2Config
+from blip2.data.text import Stage2Collate
+from blip2.factory import build
 from blip2.models import losses
-from blip2.train.stages import Stage2Collate
+from blip2.weights.bert import load_tokenizer
 
 SMOOTHING = 0.1  # BLIP-2 (LAVIS): ITC and ITG use label smoothing 0.1; ITM none
-TINY_QFORMER = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4, embed_dim=16,
-                    cross_attention_freq=1, init_from=None, tokenizer="minilm", max_text_len=24)
 TEXTS = ["a red star", "two blue circles on a gray background", "a cross", "three small green squares at the top"]
 
 
@@ -32,7 +32,7 @@ def smoothed_cross_entropy(logits, targets, smoothing=SMOOTHING):
 def stage1_model(tiny_parts, randomize):
     """A tiny stage-1 model with non-degenerate random trainable weights, in eval mode (no dropout)."""
     vision_dir, _ = tiny_parts(None)
-    model = build_model(Blip2Config.from_dict({"vision": {"kind": "hf", "path": str(vision_dir)}, "qformer": TINY_QFORMER}))
+    model = build(Blip2Config.from_dict({"vision": {"kind": "hf", "path": str(vision_dir)}, "qformer": TINY_QFORMER})).model
     for offset, part in enumerate([model.qformer, model.vision_norm, model.vision_proj, model.text_proj, model.itm_head]):
         randomize(part, 10 + offset)
     with torch.no_grad():
@@ -41,7 +41,7 @@ def stage1_model(tiny_parts, randomize):
 
 
 def tokens(model, texts):
-    tok = model.tokenizer(texts, padding="longest", return_tensors="pt")
+    tok = load_tokenizer("minilm")(texts, padding="longest", return_tensors="pt")
     return tok.input_ids, tok.attention_mask  # [B, T], rows of different lengths: padded
 
 
@@ -130,7 +130,8 @@ def test_itm_with_hard_negatives_equals_the_hand_computation(stage1_model):
 def reference_itg(model, embeds, ids, mask):
     """Per text: [DEC] in place of [CLS], decoded causally after its image's queries; position t predicts token t + 1
     (smoothed CE); the mean over every predicted token of the batch."""
-    dec = model.tokenizer.convert_tokens_to_ids("[DEC]")
+    dec = load_tokenizer("minilm").convert_tokens_to_ids("[DEC]")
+    assert dec == model.dec_token_id
     logits, targets = [], []
     for b in range(len(ids)):
         n = int(mask[b].sum())
@@ -231,17 +232,19 @@ def test_stage2_loss_equals_the_llms_own_loss_with_labels(tiny_parts, randomize,
     (``logits[:, :-1]`` -> ``logits[:, 1:]``), the labels not shifted (``labels[:, 1:]`` -> ``labels[:, :-1]``);
     (all three) the mean taken per row then over rows (rows hold different target counts)."""
     vision_dir, llm_dir = tiny_parts(text)
-    model = build_model(Blip2Config.from_dict({
+    parts = build(Blip2Config.from_dict({
         "vision": {"kind": "hf", "path": str(vision_dir)}, "qformer": TINY_QFORMER,
         "llm": {"kind": "hf", "path": str(llm_dir), "max_text_len": 16},
     }))
+    model = parts.model
     randomize(model.qformer, 1), randomize(model.llm_proj, 2)
     model.eval()
     features = torch.randn(3, model.vision.num_tokens(), model.vision.out_dim, generator=torch.Generator().manual_seed(5))
     items = [{"image": features[0], "image_id": "a", "text": "w1 w2 w3 w4 w5"},
              {"image": features[1], "image_id": "b", "text": "w6"},
              {"image": features[2], "image_id": "c", "question": "w7 w8", "answers": ["w9 w10"]}]
-    batch = Stage2Collate(model.llm, 16)(items)
+    start = model.llm.model.config.decoder_start_token_id if model.llm.is_encoder_decoder else None
+    batch = Stage2Collate(parts.llm_tokenizer, 16, decoder_start_token_id=start)(items)
     with torch.no_grad():
         found = losses.stage2_losses(model, batch["image"], batch)["loss"]
         prompt = model.soft_prompt(batch["image"])  # [B, V, H_llm]: the visual prompt

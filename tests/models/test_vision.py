@@ -17,7 +17,11 @@ from blip2.data.preprocess import Preprocess
 from blip2.io import WeightsFileError
 from blip2.models.blip2 import Blip2Model
 from blip2.models.vision import grid_position_code
-from blip2.weights.encoders import LITE0_DEFAULT_FEATURE_LAYER, build_image_encoder, image_encoder_from_hf
+from blip2.weights.encoders import (
+    LITE0_DEFAULT_FEATURE_LAYER,
+    build_image_encoder,
+    image_encoder_from_hf,
+)
 from blip2.weights.keymap import KeyMapError
 from blip2.weights.offline import efficientnet_lite0_weights
 

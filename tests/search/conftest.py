@@ -13,9 +13,9 @@ import torch
 import transformers
 from PIL import Image
 
+from blip2.config import Blip2Config, QFormerConfig, VisionConfig
 from blip2.factory import build
 from blip2.weights.checkpoint import save_checkpoint
-from blip2.config import Blip2Config, QFormerConfig, VisionConfig
 
 NUM_QUERIES = 4
 

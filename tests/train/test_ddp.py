@@ -40,7 +40,7 @@ from blip2.weights.bert import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tiny worlds of test_trainer.py and test_stages.py
 from test_trainer import Regression, TinyNet, mean_loss, trained_weights  # noqa: E402
-from test_stages import TINY_QFORMER  # noqa: E402
+from tiny import TINY_QFORMER  # noqa: E402
 
 WORLD = 2
 

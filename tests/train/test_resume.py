@@ -13,10 +13,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from blip2.train.checkpointing import CheckpointError, latest_checkpoint, list_checkpoints
-from blip2.weights.keymap import KeyMapError
+from blip2.train.checkpointing import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+)
 from blip2.train.config import TrainConfig
 from blip2.train.trainer import Trainer
+from blip2.weights.keymap import KeyMapError
 
 sys.path.insert(0, str(Path(__file__).parent))  # the tiny world of test_trainer.py
 from test_trainer import (  # noqa: E402

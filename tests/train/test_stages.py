@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import TINY_QFORMER, tiny_recipe
 
 from blip2.config import ConfigError
 from blip2.data.datasets import open_dataset
@@ -24,26 +25,11 @@ from blip2.train.stages import stage1_step, stage2_step
 
 PAPER_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 ALL_RECIPES = sorted([*RECIPES.glob("*.yaml"), *PAPER_RECIPES.glob("*.yaml")])
-TINY_QFORMER = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, num_query_tokens=4, embed_dim=16,
-                    cross_attention_freq=1, init_from=None, tokenizer="minilm", max_text_len=24)
-
-
 @pytest.fixture
 def shapes_root(tmp_path):
     root = tmp_path / "shapes"
     generate(root, {"train": 16, "val": 0, "test": 6, "compositional": 0}, progress=False)
     return root
-
-
-def tiny_recipe(tmp_path, vision_dir, llm_dir, stage: int, root: Path, **train) -> dict:
-    llm = {"kind": "hf", "path": str(llm_dir), "max_text_len": 32} if stage == 2 else None
-    return {
-        "stage": stage,
-        "model": {"vision": {"kind": "hf", "path": str(vision_dir)}, "qformer": TINY_QFORMER, "llm": llm},
-        "data": {"captions": [str(root / "train")], "vqa": [str(root / "train")] if stage == 2 else [],
-                 "feature_cache": str(root / "features")},
-        "train": {"steps": 2, "batch_size": 8, "lr": 1e-3, "log_every": 1, "out_dir": str(tmp_path / f"run{stage}"), **train},
-    }
 
 
 def test_training_from_the_cache_equals_training_from_images(tmp_path, tiny_parts, shapes_root):

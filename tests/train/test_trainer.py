@@ -16,10 +16,12 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 from blip2.config import ConfigError
+from blip2.data.bad_images import BadImage, BadImageCounter, collate_skip_bad
+from blip2.errors import InputError
 from blip2.train.checkpointing import latest_checkpoint, list_checkpoints
 from blip2.train.config import TrainConfig
 from blip2.train.optim import build_param_groups, lr_factor, set_learning_rates
-from blip2.train.stream import batch_size_of, epoch_batches
+from blip2.train.stream import batch_size_of, epoch_batches, to_device
 from blip2.train.trainer import NonFiniteLossError, Trainer, cpu_has_native_bf16
 
 # ---- the tiny world ---------------------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def test_precision_and_fsdp_need_the_right_hardware(tmp_path, caplog):
     assert trainer.autocast_dtype is None and "training in fp32 on cpu" in caplog.text
     auto = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, precision="auto"))
     assert auto.autocast_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
-    with pytest.raises(RuntimeError, match="torchrun"):
+    with pytest.raises(InputError, match="torchrun"):
         Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, fsdp=True))
 
 
@@ -351,3 +353,29 @@ def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_checkpoints(tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before  # nothing touched
     resumed = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, steps=9, resume="auto")).fit()
     assert resumed["step"] == 9
+
+
+class WithBadImages(Regression):
+    """``Regression`` whose examples 3 and 10 cannot be read (``BadImage``, as a dataset yields one)."""
+
+    def __getitem__(self, i):
+        return BadImage(f"image{i}.png", "corrupt or truncated image data") if i in (3, 10) else super().__getitem__(i)
+
+
+def test_batches_holding_unreadable_images_train_and_count_them(tmp_path):
+    """An unreadable image is dropped from its batch and counted, on every path a batch travels (the move to the
+    device took a ``BadImage`` record apart: ``BadImage.__new__() missing 'reason'``)."""
+    counter = BadImageCounter()
+    trainer = Trainer(TinyNet(), mean_loss, WithBadImages(), config(tmp_path, steps=8), collate_fn=collate_skip_bad,
+                      batch_hook=counter.update)
+    trainer.fit()
+    assert trainer.step == 8 and counter.bad >= 2  # both seen in the first epoch (24 examples, 6 batches)
+    assert to_device(BadImage("a.png", "why"), torch.device("cpu")) == BadImage("a.png", "why")
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_trains(tmp_path):
+    first = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path))
+    with pytest.raises(InputError, match=r"run is in use by another training run \(pid \d+ .*\): wait for it"):
+        Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path))
+    first.fit()  # the first run trains on; when it is done the folder is free
+    Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, resume="auto")).fit()

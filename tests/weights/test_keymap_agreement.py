@@ -29,8 +29,9 @@ import transformers
 from safetensors.torch import load_file
 
 from blip2.config import LLMConfig, QFormerConfig, VisionConfig
-from blip2.weights.hf import export_hf, hf_key_map, load_hf
-from blip2.weights.lavis import lavis_key_map, load_lavis
+from blip2.factory import load_hf, load_lavis
+from blip2.weights.hf import export_hf, hf_key_map
+from blip2.weights.lavis import lavis_key_map
 
 RENAMES = [  # (LAVIS prefix pattern, transformers replacement), the first match applies
     (r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.", r"qformer.encoder.layer.\1.\2.attention."),
@@ -175,7 +176,7 @@ def test_a_lavis_checkpoint_and_its_transformers_twin_load_and_export_to_the_sam
     llm = None if text is None else LLMConfig(kind="hf", path=str(tiny_parts(text)[1]))  # any LLM of that width
     from_lavis = load_lavis(checkpoint, vision=VisionConfig(kind="hf", path=str(directory)), llm=llm, qformer_heads=4)
     from_hf = load_hf(directory)
-    ours_lavis, ours_hf = from_lavis.state_dict(), from_hf.state_dict()
+    ours_lavis, ours_hf = from_lavis.model.state_dict(), from_hf.model.state_dict()
     # everything but the frozen parts, what neither file holds (each starts from our initialisation: the ITG head,
     # and for stage 2 the text embeddings and stage-1 heads) and temp (transformers has none)
     stage1_only = ("qformer.word_embeddings.", "qformer.position_embeddings.", "vision_proj.", "text_proj.", "itm_head.")
@@ -186,7 +187,9 @@ def test_a_lavis_checkpoint_and_its_transformers_twin_load_and_export_to_the_sam
     for key in compared:
         torch.testing.assert_close(ours_lavis[key], ours_hf[key], rtol=0, atol=0, msg=key)
 
-    exported = load_file(export_hf(from_lavis, tmp_path / "exported") / "model.safetensors")
+    tokenizer = from_lavis.qformer_tokenizer if text is None else from_lavis.llm_tokenizer.hf
+    exported = export_hf(from_lavis.model, tokenizer, from_lavis.preprocess, tmp_path / "exported")
+    exported = load_file(exported / "model.safetensors")
     qformer_side = [k for k in hf_state if k.startswith(("qformer.", "query_tokens", "vision_model.post_layernorm",
                                                          "vision_projection", "text_projection", "itm_head",
                                                          "language_projection", "embeddings."))]

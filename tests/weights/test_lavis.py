@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from blip2 import factory
-from blip2.pipeline import load
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from blip2.weights.keymap import KeyMapError
+from blip2.pipeline import load
 from blip2.weights.checkpoint import save_checkpoint
+from blip2.weights.keymap import KeyMapError
 from blip2.weights.lavis import lavis_state_dict, save_lavis
 
 WB = ("weight", "bias")

@@ -3,15 +3,21 @@
 from blip2.commands.evaluation import capfilt, eval_
 from blip2.commands.inference import ask, caption, chat, embed
 from blip2.commands.model import info
-from blip2.commands.search import index_add, index_build, index_info, index_remove, search
+from blip2.commands.search import (
+            index_add,
+            index_build,
+            index_info,
+            index_remove,
+            search,
+)
 from blip2.commands.training import cache_features, demo, plot, shapes, train
-from blip2.config import ConfigError
-from blip2.io import WeightsFileError
-from blip2.weights.keymap import KeyMapError
-from blip2.weights.offline import MissingPartError
+from blip2.errors import InputError
+from blip2.train.trainer import NonFiniteLossError
 
 COMMANDS = [demo, info, caption, ask, chat, embed, shapes, cache_features, train, plot, eval_, capfilt,
             ("index", [index_build, index_add, index_remove, index_info]), search]
 
-# Errors that mean "the input was wrong", printed as one clear line instead of a traceback.
-USER_ERRORS = (ConfigError, KeyMapError, WeightsFileError, MissingPartError, FileNotFoundError, ValueError)
+# Errors about the user's input (and the conditions a user fixes: a missing or unwritable file, a run that
+# diverged), printed as one clear line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (InputError, NonFiniteLossError, FileNotFoundError, PermissionError, IsADirectoryError,
+               NotADirectoryError)

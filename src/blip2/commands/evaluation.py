@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from typing import Literal
 
+from blip2.errors import InputError
 from blip2.eval.capfilt import capfilt as run_capfilt
 from blip2.eval.evaluate import evaluate
+from blip2.io import check_writable
 from blip2.pipeline import load
 
 
@@ -30,7 +32,7 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, 
                  "--normalize": (normalize, ("vqa",))}
     misplaced = [flag for flag, (value, tasks) in task_only.items() if value is not None and task not in tasks]
     if misplaced:
-        raise ValueError(f"{', '.join(misplaced)} does not apply to eval {task}; leave it out")
+        raise InputError(f"{', '.join(misplaced)} does not apply to eval {task}; leave it out")
     kw = {"limit": limit, "batch_size": batch_size, "features": features}
     if task == "retrieval":
         kw["k"] = k
@@ -40,6 +42,8 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, 
         kw["annotations"] = annotations
     if normalize is not None:
         kw["normalize"] = normalize
+    if out is not None:
+        check_writable(out, "--out")  # before any image is read
     results = evaluate(task, load(model), data, out_dir=out, **kw)
     print(json.dumps({k: v for k, v in results.items() if k != "predictions"}, indent=2, default=str))
 

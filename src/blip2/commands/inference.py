@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +17,15 @@ from tqdm import tqdm
 
 from blip2.data.images import ImageError, load_image
 from blip2.data.records import IMAGE_EXTENSIONS
+from blip2.errors import InputError
 from blip2.infer.batching import as_text_list
 from blip2.infer.chat import CHAT_MAX_NEW_TOKENS
 from blip2.infer.decoding import GenerationOptions
+from blip2.io import check_writable, write_file_atomically
 from blip2.pipeline import load
 
 CHAT_OPTIONS = GenerationOptions(max_new_tokens=CHAT_MAX_NEW_TOKENS)
+ONE_LINE = re.compile(r"[\t\r\n\v\f\u2028\u2029\x85]+")  # what would break a "PATH<TAB>CAPTION" line
 CHAT_HELP = "commands: /image PATH (talk about another image), /reset (forget the conversation), /quit (or Ctrl-D)"
 
 
@@ -56,8 +60,8 @@ def caption(
                 texts = blip.caption(pictures, prompt, batch_size=batch_size, **dataclasses.asdict(gen))
             for path, text in zip(loaded, texts):
                 results.append({"image": path, "caption": text})
-                if not json_output:
-                    print(f"{path}\t{text}", flush=True)
+                if not json_output:  # one line per image, whatever the caption holds
+                    print(f"{path}\t{ONE_LINE.sub(' ', text)}", flush=True)
             progress.update(len(chunk))
     if json_output:
         print(json.dumps(results + [{"image": path, "error": error} for path, error in failures.items()], indent=2))
@@ -135,7 +139,8 @@ def embed(
     """
     out = Path(output)
     if out.suffix not in (".safetensors", ".npz"):
-        raise ValueError(f"--output {output}: the file name must end in .safetensors or .npz")
+        raise InputError(f"--output {output}: the file name must end in .safetensors or .npz")
+    check_writable(out, "--output")  # before minutes of encoding
     texts = as_text_list(texts or [], "text")
     files, failures = find_images(images)
     blip = load(model, device=device)
@@ -143,11 +148,13 @@ def embed(
     image_embeds = blip.image_embeddings(list(loaded.values()), batch_size=batch_size).cpu()  # [N, Q, E]
     text_embeds = blip.text_embeddings(texts, batch_size=batch_size).cpu()  # [M, E]
     if out.suffix == ".npz":
-        np.savez(out, image_embeds=image_embeds.numpy(), text_embeds=text_embeds.numpy(),
-                 images=np.array(list(loaded), dtype=str), texts=np.array(texts, dtype=str))  # fmt: skip
+        write_file_atomically(out, lambda tmp: np.savez(
+            tmp, image_embeds=image_embeds.numpy(), text_embeds=text_embeds.numpy(),
+            images=np.array(list(loaded), dtype=str), texts=np.array(texts, dtype=str)))  # fmt: skip
     else:
         metadata = {"images": json.dumps(list(loaded)), "texts": json.dumps(texts), "model": model}
-        save_file({"image_embeds": image_embeds.contiguous(), "text_embeds": text_embeds.contiguous()}, out, metadata)
+        tensors = {"image_embeds": image_embeds.contiguous(), "text_embeds": text_embeds.contiguous()}
+        write_file_atomically(out, lambda tmp: save_file(tensors, tmp, metadata))
     summary = {"output": str(out), "image_embeds": list(image_embeds.shape), "text_embeds": list(text_embeds.shape),
                "failed": sorted(failures)}  # fmt: skip
     if json_output:
@@ -177,7 +184,7 @@ def find_images(paths: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def _chunks(items: list, size: int) -> Iterator[list]:
     if size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {size}")
+        raise InputError(f"--batch-size must be >= 1, got {size}")
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -209,6 +216,10 @@ def _input_lines(prompt: str) -> Iterator[str]:
             if prompt:
                 print(file=sys.stderr)
             return
+        except UnicodeDecodeError as error:
+            print(f"blip2 chat: error: that line is not UTF-8 text ({error.reason} at byte {error.start}): "
+                  "retype it", file=sys.stderr)
+            continue
         if line.strip():
             yield line.strip()
 

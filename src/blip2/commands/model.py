@@ -24,7 +24,7 @@ def describe(pipe: Blip2Pipeline) -> dict:
     }
 
 
-def info(source: str = "default", json_output: bool = False) -> None:
+def info(source: str = "default", /, json_output: bool = False) -> None:
     """Show a model's components, parameter counts (trainable / frozen), preprocessing and dtype.
 
     SOURCE is a preset ("default": EfficientNet-Lite0 + MiniLM Q-Former + SmolLM2-135M-Instruct), a directory saved

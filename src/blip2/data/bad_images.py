@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from blip2.data.images import ImageError, load_image
+from blip2.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def batch_size(batch: dict[str, Any]) -> int:
     return len(batch.get("image_id", ()))
 
 
-class BadImageLimitError(RuntimeError):
+class BadImageLimitError(InputError):
     """Too many unreadable images: the data needs fixing before the run can be trusted."""
 
 
@@ -75,11 +76,11 @@ class BadImageCounter:
 
     def __init__(self, max_bad_images: int | float | None = None, min_seen: int = 100, keep_last: int = 5):
         if isinstance(max_bad_images, float) and not 0.0 < max_bad_images < 1.0:
-            raise ValueError(
+            raise InputError(
                 f"max_bad_images as a fraction must be in (0, 1), got {max_bad_images}; use an int for a count"
             )
         if isinstance(max_bad_images, int) and max_bad_images < 0:
-            raise ValueError(f"max_bad_images must be >= 0, got {max_bad_images}")
+            raise InputError(f"max_bad_images must be >= 0, got {max_bad_images}")
         self.max_bad_images = max_bad_images
         self.min_seen = min_seen
         self.bad = 0

@@ -19,6 +19,7 @@ control tokens, never what a user (or a dataset) wrote.
 from __future__ import annotations
 
 from blip2.data.text import LLMTokenizer
+from blip2.errors import InputError
 from blip2.prompts import vqa_template
 
 IMAGE_ID = -1  # stands for one visual-prompt position in a conversation's token list
@@ -43,7 +44,7 @@ class TemplateFormat:
         for index, message in enumerate(messages):
             slot = _SLOT.format(index)
             if text.count(slot) != 1:
-                raise ValueError(
+                raise InputError(
                     f"the chat template of this LLM did not keep message {index}'s text as given, so the image and "
                     "the messages cannot be placed in it; use a model without this template"
                 )
@@ -58,7 +59,8 @@ class TemplateFormat:
 
 class QuestionAnswerFormat:
     """No chat template: each turn is BLIP-2's VQA prompt ("Question: {} Answer:", "... Short answer:" for T5)
-    followed by the reply; turns are joined by spaces; the visual prompt and BOS come first (EOS last for T5)."""
+    followed by the reply; turns are joined by spaces; the visual prompt comes first, then the text with the prompt's
+    special tokens (``LLMTokenizer.prompt_ids``: BOS first for OPT, EOS last for T5), as ``answer`` reads it."""
 
     def __init__(self, tokenizer: LLMTokenizer):
         self.tokenizer = tokenizer
@@ -67,10 +69,8 @@ class QuestionAnswerFormat:
     def token_ids(self, messages: list[Message], num_visual: int) -> list[int]:
         check_messages(messages)
         parts = [self.template.replace("{}", m["content"]) if m["role"] == "user" else m["content"] for m in messages]
-        text = self.tokenizer.ids(" ".join(part for part in parts if part))
-        if self.tokenizer.is_encoder_decoder:
-            return [IMAGE_ID] * num_visual + text + [self.tokenizer.eos_token_id]
-        return [IMAGE_ID] * num_visual + [self.tokenizer.bos_token_id] + text
+        (text,) = self.tokenizer.prompt_ids([" ".join(part for part in parts if part)])  # BOS/EOS as for answers
+        return [IMAGE_ID] * num_visual + text
 
 
 def conversation_format(tokenizer: LLMTokenizer) -> TemplateFormat | QuestionAnswerFormat:
@@ -82,8 +82,8 @@ def check_messages(messages: list[Message]) -> None:
     """Raise ValueError unless ``messages`` hold known roles and text, with at least one user message."""
     for index, message in enumerate(messages):
         if message.get("role") not in ROLES:
-            raise ValueError(f"message {index} has role {message.get('role')!r}; roles: {', '.join(ROLES)}")
+            raise InputError(f"message {index} has role {message.get('role')!r}; roles: {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"message {index} has no text content")
+            raise InputError(f"message {index} has no text content")
     if not any(m["role"] == "user" for m in messages):
-        raise ValueError("the conversation has no user message")
+        raise InputError("the conversation has no user message")

@@ -28,6 +28,7 @@ from blip2.data.records import (
     resolve_folder,
 )
 from blip2.data.shards import ShardDataset, expand_shards
+from blip2.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class CaptionDataset(Dataset):
         captions_per_image: int = 1,
     ):
         if captions_per_image < 1:
-            raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+            raise InputError(f"captions_per_image must be >= 1, got {captions_per_image}")
         self.records = [r for r in records if r.captions] if train else list(records)
         if train and len(self.records) < len(records):
             logger.info("dropped %d images without captions from training", len(records) - len(self.records))
@@ -148,10 +149,10 @@ def open_dataset(
     spec = resolve_folder(path_or_spec, task)
     kind = kind or detect_kind(spec)
     if caption_index is not None and (task != CAPTION or kind == "webdataset"):
-        raise ValueError(f"caption_index picks one of several captions per image: a {kind} {task} dataset has none "
+        raise InputError(f"caption_index picks one of several captions per image: a {kind} {task} dataset has none "
                          "to pick from; leave caption_index unset")
     if question_type_repeats and (task != VQA or kind == "webdataset"):
-        raise ValueError(f"question_type_repeats weighs question types of a VQA dataset; a {kind} {task} dataset "
+        raise InputError(f"question_type_repeats weighs question types of a VQA dataset; a {kind} {task} dataset "
                          "has no question types to weigh; leave question_type_repeats unset")
     if kind == "webdataset":
         return ShardDataset(expand_shards(spec), transform, task, train=train, seed=seed, shuffle_buffer=shuffle_buffer)

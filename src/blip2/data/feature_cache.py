@@ -25,6 +25,7 @@ from blip2.data.bad_images import BadImage, BadImageCounter, collate_skip_bad
 from blip2.data.datasets import CaptionDataset, open_dataset
 from blip2.data.preprocess import Preprocess
 from blip2.data.records import CaptionRecord
+from blip2.errors import InputError
 from blip2.io import write_atomically
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -61,7 +62,7 @@ def write_feature_cache(
     so a cache is never read with another encoder. ``total`` only sizes the progress bar.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise InputError(f"cache dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
     def write(tmp: Path) -> None:
         index: dict[str, list[int]] = {}  # image id -> [shard, row]
@@ -108,7 +109,7 @@ class FeatureCache:
             raise FileNotFoundError(f"{self.path} is not a feature cache (no meta.json): create one with `blip2 cache-features`")
         self.meta = json.loads(meta_file.read_text())
         if expect is not None and self.meta["encoder"] != expect:
-            raise ValueError(
+            raise InputError(
                 f"the feature cache {self.path} was made with encoder {self.meta['encoder']}, not {expect}: "
                 "rebuild it with `blip2 cache-features` for this model"
             )
@@ -165,8 +166,20 @@ def cache_features(
     images = unique_images(sources, preprocess.eval_transform(), image_root)
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skip_bad)
     counter = BadImageCounter(max_bad_images)
-    out = write_feature_cache(encode, counter.track(loader), out_dir, identity, dtype=dtype,
+    batches = _some_images(counter.track(loader), sources, counter)
+    out = write_feature_cache(encode, batches, out_dir, identity, dtype=dtype,
                               total=len(images) if hasattr(images, "__len__") else None)
     if counter.bad:
         print(counter.summary())
     return out
+
+
+def _some_images(batches: Iterable[dict], sources: list[str], counter: BadImageCounter) -> Iterable[dict]:
+    """``batches``, refusing (before anything is written) data in which no image could be read."""
+    any_image = False
+    for batch in batches:
+        any_image = True
+        yield batch
+    if not any_image:
+        found = counter.summary() if counter.bad else "they hold no image"
+        raise InputError(f"nothing to cache in {', '.join(sources)}: {found}")

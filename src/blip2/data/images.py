@@ -7,14 +7,19 @@ that expands to gigabytes (a "decompression bomb") is refused cheaply.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from blip2.errors import InputError
+
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default (about 9459 x 9459)
+MAX_PIXELS_VARIABLE = "BLIP2_MAX_PIXELS"  # raises the limit for every command (and the server) at once
 URL_PREFIXES = ("http://", "https://", "ftp://", "s3://", "gs://")
 WHITE = (255, 255, 255)
 
@@ -23,7 +28,7 @@ _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image cannot be used: missing, unreadable, truncated, empty, too large or a URL."""
 
     def __init__(self, source: str, cause: str):
@@ -38,15 +43,17 @@ def is_url(text: str) -> bool:
 
 def load_image(
     source: str | Path | Image.Image | bytes,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     name: str | None = None,
 ) -> Image.Image:
     """Load ``source`` (a local path, raw file bytes or a PIL image) as a decoded RGB image.
 
     ``name`` labels the image in error messages when ``source`` is bytes (e.g. "shard-0.tar:000012.jpg").
     Transparency is composited over white, 16-bit images are scaled to 8 bits, EXIF orientation is
-    applied, and an animated image yields its first frame. Remote URLs are always refused.
+    applied, and an animated image yields its first frame. Remote URLs are always refused. ``max_pixels`` (default:
+    $BLIP2_MAX_PIXELS, else PIL's 89.5 million) refuses larger images before decoding them.
     """
+    max_pixels = max_pixels or pixel_limit()
     if isinstance(source, Image.Image):
         return to_rgb(_apply_exif_orientation(source), name or "<PIL image>")
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -63,13 +70,35 @@ def load_image(
         )
     path = Path(source)
     if not path.exists():
-        raise ImageError(label, "file not found")
+        raise ImageError(label, _missing(path))
     if path.is_dir():
         raise ImageError(label, "is a directory, not an image file")
     if path.stat().st_size == 0:
         raise ImageError(label, "empty file (0 bytes)")
     with path.open("rb") as handle:
         return _decode(handle, label, max_pixels)
+
+
+def pixel_limit() -> int:
+    """The largest image, in pixels, this process decodes: $BLIP2_MAX_PIXELS, else PIL's default."""
+    value = os.environ.get(MAX_PIXELS_VARIABLE, "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"{MAX_PIXELS_VARIABLE}={value!r} is not a positive whole number of pixels")
+    return int(value)
+
+
+def _missing(path: Path) -> str:
+    """Why ``path`` does not exist: not there, a broken symbolic link, or a symbolic link loop."""
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symbolic link loop (the link points back to itself)"
+        if path.is_symlink():
+            return f"a broken symbolic link (to {os.readlink(path)})"
+    return "file not found"
 
 
 def _decode(handle, label: str, max_pixels: int) -> Image.Image:
@@ -82,8 +111,9 @@ def _decode(handle, label: str, max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise ImageError(
                     label,
-                    f"{width}x{height} = {width * height} pixels is above max_pixels={max_pixels} "
-                    "(possible decompression bomb); pass a larger max_pixels if you trust this file",
+                    f"{width}x{height} = {width * height} pixels is above the limit of {max_pixels} (possible "
+                    f"decompression bomb); if you trust this file, raise the limit: {MAX_PIXELS_VARIABLE}="
+                    f"{width * height} blip2 ...",
                 )
             image.load()  # first frame only: Image.open leaves multi-frame files at frame 0
             return to_rgb(_apply_exif_orientation(image), label)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms
+from transformers import BaseImageProcessor
 
 from blip2.config import ConfigError
 
@@ -72,3 +73,27 @@ class Preprocess:
 
     def _to_normalised_tensor(self) -> list[Callable]:
         return [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
+
+
+class ProcessorPreprocess:
+    """A transformers image processor (e.g. the ``BlipImageProcessor`` a Blip2 directory ships) as this project's
+    preprocessing: evaluation pixels are exactly the processor's; training augmentation and the feature cache's
+    identity use ``spec``, the same resize, mean and std."""
+
+    def __init__(self, processor: BaseImageProcessor, spec: Preprocess) -> None:
+        self.processor = processor
+        self.spec = spec
+        self.size, self.mean, self.std, self.interpolation = spec.size, spec.mean, spec.std, spec.interpolation
+
+    def identity(self) -> dict:
+        return {**self.spec.identity(), "image_processor": type(self.processor).__name__}
+
+    def __call__(self, images: Sequence[Image.Image]) -> Tensor:
+        """[B, 3, H, W] float32, as ``processor(images=...)`` gives them."""
+        return self.processor(images=list(images), return_tensors="pt").pixel_values.float()
+
+    def eval_transform(self) -> Callable[[Image.Image], Tensor]:
+        return lambda image: self([image])[0]
+
+    def train_transform(self, hflip: bool = False) -> Callable[[Image.Image], Tensor]:
+        return self.spec.train_transform(hflip)

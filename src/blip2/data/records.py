@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from blip2.data.images import is_url
+from blip2.errors import InputError
 
 CAPTION, VQA = "caption", "vqa"
 TASKS = (CAPTION, VQA)
@@ -32,7 +33,7 @@ VQAV2_IMAGE_TEMPLATE = "COCO_{subtype}_{image_id:012d}.jpg"  # the COCO file nam
 MANIFEST_IN_FOLDER = {CAPTION: "captions.jsonl", VQA: "vqa.json"}  # what a shapes-world split folder holds
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(InputError):
     """A dataset file is missing, malformed or does not match the requested task."""
 
 
@@ -114,9 +115,9 @@ def check_question_type_repeats(repeats: dict) -> None:
     """Raise ValueError unless ``repeats`` maps question-type names to whole numbers >= 1."""
     for kind, times in repeats.items():
         if not isinstance(kind, str):
-            raise ValueError(f"question_type_repeats keys are question-type names, got {kind!r}")
+            raise InputError(f"question_type_repeats keys are question-type names, got {kind!r}")
         if not isinstance(times, int) or isinstance(times, bool) or times < 1:
-            raise ValueError(f"question_type_repeats[{kind!r}] must be a whole number >= 1, got {times!r}")
+            raise InputError(f"question_type_repeats[{kind!r}] must be a whole number >= 1, got {times!r}")
 
 
 def repeat_question_types(records: list[VQARecord], repeats: dict[str, int], source: str) -> list[VQARecord]:
@@ -228,6 +229,13 @@ def _coco_records(data: dict, base: Path, path: Path) -> list[CaptionRecord]:
         _require_keys(image, ("id", "file_name"), where)
         path_on_disk = _image_path(image["file_name"], base, where)
         records.append(CaptionRecord(path_on_disk, tuple(texts.get(image["id"], ())), str(image["id"])))
+    if texts and not any(record.captions for record in records):
+        annotated, listed = next(iter(texts)), data["images"][0]["id"] if data["images"] else None
+        raise DatasetFormatError(
+            f"{path}: none of the {len(data['annotations'])} annotations' image_id matches an image id (annotations "
+            f"say {annotated!r} ({type(annotated).__name__}), images {listed!r} ({type(listed).__name__})): "
+            "make them the same values, of the same type"
+        )
     return records
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from blip2.data.bad_images import collate_skip_bad
+from blip2.errors import InputError
 from blip2.prompts import CAPTION_PROMPT, format_questions, vqa_template
 
 IGNORE = -100  # label of a position that is not scored (cross_entropy's ignore_index)
@@ -26,11 +27,26 @@ class LLMTokenizer:
     """An LLM's transformers tokenizer with explicit BOS/EOS handling. It gets ``pad = eos`` when it has no pad
     token, and pads on the right (training); ``tokenize(pad_left=True)`` serves batched generation."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, is_encoder_decoder: bool) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, is_encoder_decoder: bool, tokenizer_specials: bool = False):
+        """``tokenizer_specials``: prompts get what ``tokenizer`` adds itself (``LLMConfig.tokenizer_specials``)."""
         _ensure_pad_token(tokenizer)
         tokenizer.padding_side = "right"
         self.hf = tokenizer
         self.is_encoder_decoder = is_encoder_decoder
+        self.prefix, self.suffix = self._added_tokens() if tokenizer_specials else self._explicit_tokens()
+
+    def _explicit_tokens(self) -> tuple[list[int], list[int]]:
+        """BOS before a decoder-only prompt, EOS after an encoder-decoder one."""
+        if self.is_encoder_decoder:
+            return [], [self.eos_token_id]
+        return ([self.bos_token_id] if self.bos_token_id is not None else []), []
+
+    def _added_tokens(self) -> tuple[list[int], list[int]]:
+        """What the tokenizer puts before and after a text by itself (OPT: BOS; Llama: <s>; T5: EOS; ChatML: none)."""
+        plain = self.hf("photo", add_special_tokens=False)["input_ids"]
+        full = self.hf("photo", add_special_tokens=True)["input_ids"]
+        start = next(i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain)
+        return full[:start], full[start + len(plain):]
 
     @property
     def bos_token_id(self) -> int | None:
@@ -60,6 +76,18 @@ class LLMTokenizer:
         cut = {"truncation": True, "max_length": max_length} if max_length is not None else {}
         return self.hf(list(texts), add_special_tokens=False, split_special_tokens=True, **cut)["input_ids"]
 
+    def prompt_ids(self, texts: Sequence[str], max_len: int | None = None) -> list[list[int]]:
+        """Each prompt as the LLM reads it after the visual prompt: the prompt's special tokens around its text, cut to
+        ``max_len`` tokens in all (the text is cut, never the special tokens). No prompt ("") reads as BOS alone for a
+        decoder-only LLM, as transformers' Blip2 generates without input ids."""
+        budget = None if max_len is None else max_len - len(self.prefix) - len(self.suffix)
+        if budget is not None and budget < 1:
+            raise InputError(f"max_len={max_len} leaves no room for text after the prompt's special tokens")
+        rows = [self.prefix + ids + self.suffix for ids in self.batch_ids(texts, budget)]
+        if not self.is_encoder_decoder and self.bos_token_id is not None:
+            rows = [row if text else [self.bos_token_id] for row, text in zip(rows, texts)]
+        return rows
+
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text without special tokens, stripped."""
         return self.hf.decode(list(ids), skip_special_tokens=True).strip()
@@ -76,10 +104,10 @@ class LLMTokenizer:
         if isinstance(texts, str):
             raise TypeError("tokenize takes a list of texts, not one string")
         if add_bos and self.bos_token_id is None:
-            raise ValueError(f"{type(self.hf).__name__} has no BOS token: call tokenize with add_bos=False")
+            raise InputError(f"{type(self.hf).__name__} has no BOS token: call tokenize with add_bos=False")
         budget = max_len - int(add_bos) - int(add_eos)
         if budget < 1:
-            raise ValueError(f"max_len={max_len} leaves no room for text after the BOS/EOS tokens")
+            raise InputError(f"max_len={max_len} leaves no room for text after the BOS/EOS tokens")
         rows = [[self.bos_token_id] * add_bos + piece + [self.eos_token_id] * add_eos
                 for piece in self.batch_ids(texts, budget)]
         return pad(rows, self.pad_token_id, pad_left)
@@ -102,7 +130,7 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token_id is not None:
         return
     if tokenizer.eos_token is None:
-        raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an EOS token: set tokenizer.pad_token")
+        raise InputError(f"{type(tokenizer).__name__} has neither a pad nor an EOS token: set tokenizer.pad_token")
     tokenizer.pad_token = tokenizer.eos_token
 
 
@@ -155,7 +183,7 @@ class Stage2Collate:
         """``decoder_start_token_id``: an encoder-decoder LLM's (its config's); ``qformer_tokenizer``: given for a
         model whose Q-Former reads the prompt (``llm.prompt_to_qformer``)."""
         if tokenizer.is_encoder_decoder and decoder_start_token_id is None:
-            raise ValueError("an encoder-decoder LLM needs its decoder_start_token_id to build decoder inputs")
+            raise InputError("an encoder-decoder LLM needs its decoder_start_token_id to build decoder inputs")
         self.tokenizer, self.max_len, self.seed = tokenizer, max_len, seed
         self.decoder_start = decoder_start_token_id
         self.qformer_tokenizer, self.qformer_max_len = qformer_tokenizer, qformer_max_len
@@ -176,12 +204,11 @@ class Stage2Collate:
         return {"image": item["image"], "image_id": item["image_id"], "prompt": prompt, "target": target}
 
     def _decoder_only(self, prompts, targets) -> dict[str, Tensor]:
-        """BOS + prompt + target + EOS; labels only on target + EOS (prompt, BOS and padding ignored)."""
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        """BOS + prompt (``prompt_ids``) + target + EOS; labels only on target + EOS (prompt and padding ignored)."""
+        eos = self.tokenizer.eos_token_id
         spaced = [(" " + t) if p else t for p, t in zip(prompts, targets)]
         rows, labels = [], []
-        for p, t in zip(self.tokenizer.batch_ids(prompts), self.tokenizer.batch_ids(spaced)):
-            head = ([bos] if bos is not None else []) + p
+        for head, t in zip(self.tokenizer.prompt_ids(prompts), self.tokenizer.batch_ids(spaced)):
             tail = (t + [eos])[: max(self.max_len - len(head), 1)]
             rows.append(head + tail)
             labels.append([IGNORE] * len(head) + tail)
@@ -190,7 +217,7 @@ class Stage2Collate:
 
     def _seq2seq(self, prompts, targets) -> dict[str, Tensor]:
         """Encoder: prompt + EOS; decoder target: target + EOS (teacher forcing from the decoder start token)."""
-        enc_ids, enc_mask = self.tokenizer.tokenize(list(prompts), self.max_len, add_bos=False, add_eos=True)
+        enc_ids, enc_mask = pad(self.tokenizer.prompt_ids(prompts, self.max_len), self.tokenizer.pad_token_id)
         dec_ids, dec_mask = self.tokenizer.tokenize(list(targets), self.max_len, add_bos=False, add_eos=True)
         labels = dec_ids.masked_fill(dec_mask == 0, IGNORE)
         decoder_input_ids = torch.cat([torch.full_like(dec_ids[:, :1], self.decoder_start), dec_ids[:, :-1]], dim=1)

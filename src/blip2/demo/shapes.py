@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from blip2.errors import InputError
+
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
 COLOURS = {  # name -> RGB; hues far apart so a frozen ImageNet encoder separates them easily
@@ -92,21 +94,21 @@ class ShapesConfig:
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
-            raise ValueError(f"ShapesConfig.image_size must be >= 32 pixels, got {self.image_size}")
+            raise InputError(f"ShapesConfig.image_size must be >= 32 pixels, got {self.image_size}")
         if not 1 <= self.max_objects <= MAX_OBJECTS:
-            raise ValueError(f"ShapesConfig.max_objects must be in 1..{MAX_OBJECTS}, got {self.max_objects}")
+            raise InputError(f"ShapesConfig.max_objects must be in 1..{MAX_OBJECTS}, got {self.max_objects}")
         if not 0.0 <= self.repeat_prob <= 1.0:
-            raise ValueError(f"ShapesConfig.repeat_prob must be in [0, 1], got {self.repeat_prob}")
+            raise InputError(f"ShapesConfig.repeat_prob must be in [0, 1], got {self.repeat_prob}")
         held = tuple(tuple(pair) for pair in self.held_out)
         object.__setattr__(self, "held_out", held)  # accept lists (e.g. from YAML/JSON)
         for colour, shape in held:
             if colour not in COLOURS or shape not in SHAPES:
-                raise ValueError(
+                raise InputError(
                     f"ShapesConfig.held_out has unknown combination ({colour!r}, {shape!r}); "
                     f"colours: {sorted(COLOURS)}, shapes: {list(SHAPES)}"
                 )
         if not held or len(set(held)) >= len(COLOURS) * len(SHAPES):
-            raise ValueError("ShapesConfig.held_out must hold at least one and not every colour-shape combination")
+            raise InputError("ShapesConfig.held_out must hold at least one and not every colour-shape combination")
 
     def seen_combos(self) -> list[tuple[str, str]]:
         """The colour-shape combinations allowed in train/val/test."""
@@ -162,9 +164,9 @@ def text_rng(split: str, index: int, cfg: ShapesConfig) -> random.Random:
 def make_scene(split: str, index: int, cfg: ShapesConfig) -> Scene:
     """The scene for image ``index`` of ``split``: 1..max_objects objects in distinct grid cells."""
     if split not in SPLITS:
-        raise ValueError(f"unknown shapes split {split!r}; splits: {list(SPLITS)}")
+        raise InputError(f"unknown shapes split {split!r}; splits: {list(SPLITS)}")
     if index < 0:
-        raise ValueError(f"image index must be >= 0, got {index}")
+        raise InputError(f"image index must be >= 0, got {index}")
     rng = random.Random(_seeded(cfg.seed, split, index, "scene"))
     count = rng.randint(1, cfg.max_objects)
     cells = rng.sample(CELLS, count)
@@ -252,7 +254,7 @@ def _outline(shape: str, cx: float, cy: float, radius: float, angle: float) -> l
         corners += [(-x, -y) for x, y in corners]  # the other half, by point symmetry
         polar = [(math.hypot(x, y), math.degrees(math.atan2(y, x))) for x, y in corners]
     else:
-        raise ValueError(f"unknown shape {shape!r}; shapes: {list(SHAPES)}")
+        raise InputError(f"unknown shape {shape!r}; shapes: {list(SHAPES)}")
     return [
         (cx + r * math.cos(math.radians(theta + angle)), cy + r * math.sin(math.radians(theta + angle)))
         for r, theta in polar
@@ -519,7 +521,7 @@ def generate(
     sizes = DEFAULT_SIZES if sizes is None else sizes
     unknown = sorted(set(sizes) - set(SPLITS))
     if unknown:
-        raise ValueError(f"unknown shapes splits {unknown}; splits: {list(SPLITS)}")
+        raise InputError(f"unknown shapes splits {unknown}; splits: {list(SPLITS)}")
     root = Path(root)
     folders = {}
     for split, n in sizes.items():

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from blip2.data.bad_images import BadImageCounter
 from blip2.data.records import CAPTION
+from blip2.errors import InputError
 from blip2.eval.runs import (
     FeaturesArg,
     batch_features,
@@ -105,14 +106,14 @@ def select(candidates: list[Candidate], score: str, threshold: float | None, kee
 
 def _check_rule(score: str, threshold: float | None, keep: int | None, num_captions: int) -> None:
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise InputError(f"score must be one of {SCORES}, got {score!r}")
     low, high = (0.0, 1.0) if score == "itm" else (-1.0, 1.0)
     if threshold is not None and not low <= threshold <= high:
-        raise ValueError(f"a threshold on {score} must lie in [{low}, {high}], got {threshold}")
+        raise InputError(f"a threshold on {score} must lie in [{low}, {high}], got {threshold}")
     if keep is not None and keep < 1:
-        raise ValueError(f"keep must be >= 1 (or None: no cap), got {keep}")
+        raise InputError(f"keep must be >= 1 (or None: no cap), got {keep}")
     if num_captions < 0:
-        raise ValueError(f"num_captions must be >= 0, got {num_captions}")
+        raise InputError(f"num_captions must be >= 0, got {num_captions}")
 
 
 def _candidates(originals: tuple[str, ...], synthetic: list[str]) -> list[tuple[str, str]]:

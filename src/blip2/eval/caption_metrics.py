@@ -30,6 +30,8 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
 
+from blip2.errors import InputError
+
 METRIC_FAMILIES = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 PACKAGE_DIR = Path(next(iter(pycocoevalcap.__path__)))  # a namespace package: no __file__
 PTB_JAR = PACKAGE_DIR / "tokenizer" / "stanford-corenlp-3.4.1.jar"
@@ -204,19 +206,19 @@ def _check_inputs(predictions: Mapping[Hashable, str], references: Mapping[Hasha
                   metrics: Collection[str]) -> None:
     unknown = sorted(set(metrics) - set(METRIC_FAMILIES))
     if unknown:
-        raise ValueError(f"unknown caption metrics {unknown}; choose from {METRIC_FAMILIES}")
+        raise InputError(f"unknown caption metrics {unknown}; choose from {METRIC_FAMILIES}")
     missing = [key for key in references if key not in predictions]
     extra = [key for key in predictions if key not in references]
     if missing or extra:
-        raise ValueError(f"predictions and references must have the same ids: {len(missing)} id(s) without a "
+        raise InputError(f"predictions and references must have the same ids: {len(missing)} id(s) without a "
                          f"prediction (e.g. {missing[:3]}), {len(extra)} without references (e.g. {extra[:3]})")
     if not references:
-        raise ValueError("evaluate_captions got no captions: references is empty")
+        raise InputError("evaluate_captions got no captions: references is empty")
     for key, refs in references.items():
         if isinstance(refs, str) or len(refs) == 0:
-            raise ValueError(f"references[{key!r}] must be a non-empty list of captions, got {refs!r}")
+            raise InputError(f"references[{key!r}] must be a non-empty list of captions, got {refs!r}")
         if not isinstance(predictions[key], str):
-            raise ValueError(f"predictions[{key!r}] must be a caption string, got {predictions[key]!r}")
+            raise InputError(f"predictions[{key!r}] must be a caption string, got {predictions[key]!r}")
 
 
 def _tokenize_all(captions: list[str], java: str | None, timeout_s: float) -> list[str]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from blip2.errors import InputError
 from blip2.eval.report import write_report
 from blip2.eval.run_caption import evaluate_captioning
 from blip2.eval.run_grounding import evaluate_grounding
@@ -41,7 +42,7 @@ def evaluate(task: str, pipe: "Blip2Pipeline", data: str | Path, out_dir: str | 
     ``TASK_predictions.json`` (the model's outputs) are written there. Returns the results, predictions included.
     """
     if task not in RUNNERS:
-        raise ValueError(f"unknown evaluation task {task!r}; tasks: {list(RUNNERS)}")
+        raise InputError(f"unknown evaluation task {task!r}; tasks: {list(RUNNERS)}")
     results = RUNNERS[task](pipe, data, **kw)
     if out_dir is not None:
         report = {key: value for key, value in results.items() if key != "predictions"}

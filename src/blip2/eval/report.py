@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from blip2.errors import InputError
+
 MARKDOWN_DECIMALS = 4
 
 
@@ -59,7 +61,7 @@ def markdown_table(results: Mapping[str, Any], title: str) -> str:
 def write_report(results: Mapping[str, Any], out_dir: str | Path, name: str) -> tuple[Path, Path]:
     """Write ``out_dir/name.json`` and ``out_dir/name.md``; return their paths (out_dir is created)."""
     if not name or Path(name).name != name or name in (".", ".."):
-        raise ValueError(f"report name must be a plain file name without directories, got {name!r}")
+        raise InputError(f"report name must be a plain file name without directories, got {name!r}")
     plain = _jsonable(results, "")
     if not isinstance(plain, dict):
         raise TypeError(f"results must be a dict of metric -> value, got {type(results).__name__}")

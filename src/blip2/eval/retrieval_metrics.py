@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from blip2.errors import InputError
+
 ItmScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -23,21 +25,21 @@ def _positive_mask(txt2img: Sequence[int] | torch.Tensor, img2txt: Sequence[Sequ
     """[N_img, N_txt] bool: True where the text is a caption of the image; checks the two maps agree."""
     owners = torch.as_tensor(txt2img, dtype=torch.long)  # [N_txt]
     if owners.shape != (n_txt,):
-        raise ValueError(f"txt2img has shape {tuple(owners.shape)}, expected ({n_txt},): one image index per text")
+        raise InputError(f"txt2img has shape {tuple(owners.shape)}, expected ({n_txt},): one image index per text")
     if len(img2txt) != n_img:
-        raise ValueError(f"img2txt has {len(img2txt)} entries, expected {n_img}: one caption list per image")
+        raise InputError(f"img2txt has {len(img2txt)} entries, expected {n_img}: one caption list per image")
     if n_txt and (owners.min() < 0 or owners.max() >= n_img):
-        raise ValueError(f"txt2img holds image indices outside [0, {n_img}): min {owners.min()}, max {owners.max()}")
+        raise InputError(f"txt2img holds image indices outside [0, {n_img}): min {owners.min()}, max {owners.max()}")
     positives = torch.zeros(n_img, n_txt, dtype=torch.bool)
     positives[owners, torch.arange(n_txt)] = True
     for image, captions in enumerate(img2txt):
         if len(captions) == 0:
-            raise ValueError(f"img2txt[{image}] is empty: every image needs at least one caption")
+            raise InputError(f"img2txt[{image}] is empty: every image needs at least one caption")
         listed = torch.zeros(n_txt, dtype=torch.bool)
         listed[torch.as_tensor(list(captions), dtype=torch.long)] = True
         if not torch.equal(listed, positives[image]):
             expected = positives[image].nonzero().flatten().tolist()
-            raise ValueError(f"img2txt[{image}] = {list(captions)} disagrees with txt2img, which gives image "
+            raise InputError(f"img2txt[{image}] = {list(captions)} disagrees with txt2img, which gives image "
                              f"{image} the texts {expected}")
     return positives
 
@@ -57,16 +59,16 @@ def recall_at_k(scores: torch.Tensor, txt2img: Sequence[int] | torch.Tensor, img
     Returns ``i2t_r{k}``, ``t2i_r{k}`` for each k, their means ``i2t_mean``, ``t2i_mean``, and ``mean``.
     """
     if scores.dim() != 2:
-        raise ValueError(f"scores must be [N_img, N_txt], got shape {tuple(scores.shape)}")
+        raise InputError(f"scores must be [N_img, N_txt], got shape {tuple(scores.shape)}")
     n_img, n_txt = scores.shape
     scores_t2i = scores.t() if scores_t2i is None else scores_t2i
     if scores_t2i.shape != (n_txt, n_img):
-        raise ValueError(f"scores_t2i must be [N_txt, N_img] = [{n_txt}, {n_img}], got {tuple(scores_t2i.shape)}")
+        raise InputError(f"scores_t2i must be [N_txt, N_img] = [{n_txt}, {n_img}], got {tuple(scores_t2i.shape)}")
     if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
+        raise InputError(f"ks must be positive integers, got {tuple(ks)}")
     for name, matrix in (("scores", scores), ("scores_t2i", scores_t2i)):
         if torch.isnan(matrix).any():
-            raise ValueError(f"{name} holds NaN; recall is undefined")
+            raise InputError(f"{name} holds NaN; recall is undefined")
     positives = _positive_mask(txt2img, img2txt, n_img, n_txt)  # [N_img, N_txt]
     ranks = {"i2t": best_positive_rank(scores.detach().float().cpu(), positives),
              "t2i": best_positive_rank(scores_t2i.detach().float().cpu(), positives.t())}
@@ -88,7 +90,7 @@ def _score_pairs(itm_score: ItmScorer, images: torch.Tensor, texts: torch.Tensor
         image_batch, text_batch = images[start:start + batch_size], texts[start:start + batch_size]  # [b], [b]
         scores = torch.as_tensor(itm_score(image_batch, text_batch))
         if scores.shape != image_batch.shape:
-            raise ValueError(f"itm_score returned shape {tuple(scores.shape)} for {image_batch.numel()} pairs; "
+            raise InputError(f"itm_score returned shape {tuple(scores.shape)} for {image_batch.numel()} pairs; "
                              f"it must return one score per pair, shape ({image_batch.numel()},)")
         chunks.append(scores.detach().float().to(images.device))
     return torch.cat(chunks) if chunks else torch.empty(0, device=images.device)
@@ -123,13 +125,13 @@ def rerank_topk(itc_scores: torch.Tensor, itm_score: ItmScorer, k: int = 128, ba
     ITC score shifted so it ranks below every re-ranked candidate, keeping its ITC order.
     """
     if itc_scores.dim() != 2:
-        raise ValueError(f"itc_scores must be [N_img, N_txt], got shape {tuple(itc_scores.shape)}")
+        raise InputError(f"itc_scores must be [N_img, N_txt], got shape {tuple(itc_scores.shape)}")
     if itc_scores.numel() == 0:
-        raise ValueError(f"itc_scores is empty (shape {tuple(itc_scores.shape)}); nothing to re-rank")
+        raise InputError(f"itc_scores is empty (shape {tuple(itc_scores.shape)}); nothing to re-rank")
     if k < 1 or batch_size < 1:
-        raise ValueError(f"k and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
+        raise InputError(f"k and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
     if not torch.isfinite(itc_scores).all():
-        raise ValueError("itc_scores holds inf or NaN; re-ranking needs finite ITC scores")
+        raise InputError("itc_scores holds inf or NaN; re-ranking needs finite ITC scores")
     itc = itc_scores.detach().float()  # [N_img, N_txt]
     n_img, n_txt = itc.shape
     i2t_top = itc.topk(min(k, n_txt), dim=1).indices  # [N_img, k_txt]
@@ -141,7 +143,7 @@ def rerank_topk(itc_scores: torch.Tensor, itm_score: ItmScorer, k: int = 128, ba
     unique_pairs, position = pair_ids.unique(return_inverse=True)  # sorted: grouped by image
     itm = _score_pairs(itm_score, unique_pairs // n_txt, unique_pairs % n_txt, batch_size, progress)[position]
     if not torch.isfinite(itm).all():
-        raise ValueError("itm_score returned inf or NaN for some pairs")
+        raise InputError("itm_score returned inf or NaN for some pairs")
     split = i2t_top.numel()
     i2t = _merge_reranked(itc, i2t_top, itm[:split].view_as(i2t_top))  # [N_img, N_txt]
     t2i = _merge_reranked(itc.t().contiguous(), t2i_top, itm[split:].view_as(t2i_top))  # [N_txt, N_img]

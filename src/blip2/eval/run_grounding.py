@@ -17,7 +17,15 @@ from torch import Tensor
 from blip2.data.bad_images import BadImageCounter
 from blip2.data.records import CAPTION, DatasetFormatError
 from blip2.data.text import Stage2Collate
-from blip2.eval.runs import FeaturesArg, batch_features, batches, eval_mode, open_eval_dataset, resolve_features
+from blip2.errors import InputError
+from blip2.eval.runs import (
+    FeaturesArg,
+    batch_features,
+    batches,
+    eval_mode,
+    open_eval_dataset,
+    resolve_features,
+)
 from blip2.infer.batching import batch_slices
 from blip2.models.losses import SpreadMeter, text_losses
 
@@ -49,7 +57,7 @@ def evaluate_grounding(
     model = pipe.model
     llm = model.require_llm()
     if batch_size < 2:
-        raise ValueError(f"grounding needs batch_size >= 2 (the first image is compared with its batch's last), "
+        raise InputError(f"grounding needs batch_size >= 2 (the first image is compared with its batch's last), "
                          f"got {batch_size}")
     cache = resolve_features(pipe, features)
     dataset = open_eval_dataset(pipe, data, CAPTION, cache, image_root)
@@ -84,7 +92,7 @@ def evaluate_grounding(
                 rows += [{"image_id": item["image_id"], "text": item["text"], "loss_own": own, "loss_other": other}
                          for item, own, other in zip(items[where], losses["own"], losses["other"])]
     if spread.count < 2:
-        raise ValueError(f"{data}: grounding compares images with each other and needs at least 2 readable images, "
+        raise InputError(f"{data}: grounding compares images with each other and needs at least 2 readable images, "
                          f"got {spread.count}")
     if not rows:
         raise DatasetFormatError(f"{data}: none of its images has a caption to score")

@@ -14,8 +14,16 @@ from tqdm.auto import tqdm
 
 from blip2.data.bad_images import BadImageCounter
 from blip2.data.records import CAPTION, DatasetFormatError
+from blip2.errors import InputError
 from blip2.eval.retrieval_metrics import recall_at_k, rerank_topk
-from blip2.eval.runs import FeaturesArg, batch_features, batches, eval_mode, open_eval_dataset, resolve_features
+from blip2.eval.runs import (
+    FeaturesArg,
+    batch_features,
+    batches,
+    eval_mode,
+    open_eval_dataset,
+    resolve_features,
+)
 from blip2.infer.batching import batch_slices
 
 if TYPE_CHECKING:
@@ -37,7 +45,7 @@ def recall_ceiling(texts: Sequence[str], txt2img: Sequence[int], num_images: int
     Same keys as ``recall_at_k``; all 1.0 when no string repeats across images.
     """
     if len(texts) != len(txt2img):
-        raise ValueError(f"{len(texts)} texts but {len(txt2img)} entries in txt2img: one image index per text")
+        raise InputError(f"{len(texts)} texts but {len(txt2img)} entries in txt2img: one image index per text")
     copies: dict[str, Counter] = {}  # string -> image index -> copies of the string owned by that image
     strings_of: list[set[str]] = [set() for _ in range(num_images)]
     for text, image in zip(texts, txt2img):
@@ -45,7 +53,7 @@ def recall_ceiling(texts: Sequence[str], txt2img: Sequence[int], num_images: int
         strings_of[image].add(text)
     empty = [image for image, strings in enumerate(strings_of) if not strings]
     if empty:
-        raise ValueError(f"images {empty[:5]} have no caption: every image needs at least one")
+        raise InputError(f"images {empty[:5]} have no caption: every image needs at least one")
     # for each image, the fewest copies owned by other images among its strings
     elsewhere = [min(sum(copies[text].values()) - copies[text][image] for text in strings)
                  for image, strings in enumerate(strings_of)]

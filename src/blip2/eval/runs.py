@@ -19,6 +19,7 @@ from blip2.data.bad_images import BadImageCounter, collate_skip_bad
 from blip2.data.datasets import CaptionDataset, VQADataset, open_dataset
 from blip2.data.feature_cache import FeatureCache, encoder_identity
 from blip2.data.records import DatasetFormatError
+from blip2.errors import InputError
 from blip2.infer.decoding import GenerationOptions
 from blip2.infer.generation import generate_from_features
 from blip2.infer.qformer_generation import qformer_generate
@@ -67,7 +68,7 @@ def open_eval_dataset(
 def batches(dataset, limit: int | None, batch_size: int, desc: str, progress: bool, counter: BadImageCounter):
     """The first ``limit`` items (all: None) in collated batches, bad images dropped and counted by ``counter``."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of items (or None for all), got {limit}")
+        raise InputError(f"limit must be a positive number of items (or None for all), got {limit}")
     items = Subset(dataset, range(min(limit, len(dataset)))) if limit is not None else dataset
     loader = DataLoader(items, batch_size=batch_size, collate_fn=collate_skip_bad)
     return counter.track(tqdm(loader, desc=desc, unit="batch", disable=not progress))
@@ -94,7 +95,7 @@ def texts_from_features(
     prompt; the text is what follows the prompt), or, for a stage-1 model, from the Q-Former's captioning head."""
     if pipe.model.llm is None:
         if prompts is not None and any(prompts):
-            raise ValueError("a stage-1 model captions with its Q-Former, which takes no prompt: drop the prompt "
+            raise InputError("a stage-1 model captions with its Q-Former, which takes no prompt: drop the prompt "
                              "or use a stage-2 model")
         return qformer_generate(pipe, features, options)
     return generate_from_features(pipe, features, list(prompts) if prompts is not None else [""] * len(features), options)

@@ -22,6 +22,8 @@ from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Literal
 
+from blip2.errors import InputError
+
 # Replaced by a space, or removed when it touches a space or the text holds a digit,digit comma.
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
                ">", "<", "@", "`", ",", "?", "!")
@@ -105,7 +107,7 @@ def normalize_answer(answer: str) -> str:
 
 def check_normalize(normalize: str) -> None:
     if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
+        raise InputError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}, got {normalize!r}")
 
 
 def compared_answers(prediction: str, answers: Sequence[str], normalize: Normalize = "official") -> tuple[str, list[str]]:
@@ -126,7 +128,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], normalize: Normalize =
     (the official default compares unanimous answers unnormalised: "Yes" against ten "yes" scores 0).
     """
     if isinstance(answers, str) or len(answers) == 0:
-        raise ValueError(f"vqa_accuracy needs a non-empty list of human answers, got {answers!r}")
+        raise InputError(f"vqa_accuracy needs a non-empty list of human answers, got {answers!r}")
     predicted, answers = compared_answers(prediction, answers, normalize)
     is_match = [answer == predicted for answer in answers]
     if len(is_match) == 1:
@@ -141,14 +143,14 @@ def _reference_fields(question_id: Hashable, reference: Any) -> tuple[Sequence[s
     """(answers, question_type, answer_type) of one reference: a list of answers or a VQA-style dict."""
     if isinstance(reference, Mapping):
         if "answers" not in reference:
-            raise ValueError(f"reference for question {question_id!r} is a dict without an 'answers' key: "
+            raise InputError(f"reference for question {question_id!r} is a dict without an 'answers' key: "
                              f"{reference!r}")
         answers = [a["answer"] if isinstance(a, Mapping) else a for a in reference["answers"]]
         question_type, answer_type = reference.get("question_type"), reference.get("answer_type")
     else:
         answers, question_type, answer_type = reference, None, None
     if isinstance(answers, str) or len(answers) == 0:
-        raise ValueError(f"reference for question {question_id!r} needs a non-empty list of answers, got {answers!r}")
+        raise InputError(f"reference for question {question_id!r} needs a non-empty list of answers, got {answers!r}")
     return answers, question_type, answer_type
 
 
@@ -158,7 +160,7 @@ def _mean_by_group(scores: list[float], groups: list[str | None], field: str) ->
     if len(missing) == len(groups):
         return None
     if missing:
-        raise ValueError(f"{len(missing)} of {len(groups)} references lack '{field}' while others have it; "
+        raise InputError(f"{len(missing)} of {len(groups)} references lack '{field}' while others have it; "
                          f"give it for every question or for none")
     members: dict[str, list[float]] = defaultdict(list)
     for score, group in zip(scores, groups):
@@ -181,11 +183,11 @@ def evaluate_vqa(
     missing = [qid for qid in references if qid not in predictions]
     extra = [qid for qid in predictions if qid not in references]
     if missing or extra:
-        raise ValueError(f"predictions and references must cover the same questions: {len(missing)} question(s) "
+        raise InputError(f"predictions and references must cover the same questions: {len(missing)} question(s) "
                          f"without a prediction (e.g. {missing[:3]}), {len(extra)} prediction(s) without a "
                          f"reference (e.g. {extra[:3]})")
     if not references:
-        raise ValueError("evaluate_vqa got no questions: references is empty")
+        raise InputError("evaluate_vqa got no questions: references is empty")
     scores, question_types, answer_types = [], [], []
     for qid, reference in references.items():
         answers, question_type, answer_type = _reference_fields(qid, reference)

@@ -8,6 +8,8 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
+from blip2.errors import InputError
+
 ImageInput = Image.Image | str | Path
 Images = ImageInput | Sequence[ImageInput] | Tensor  # a Tensor is already-preprocessed pixel values [B, 3, H, W]
 
@@ -16,7 +18,7 @@ def as_image_list(images: Images) -> list[ImageInput] | Tensor:
     """One image or a sequence of them -> a list (pixel-value tensors pass through unchanged)."""
     if isinstance(images, Tensor):
         if images.dim() != 4:
-            raise ValueError(f"pixel values must be [B, 3, H, W], got a tensor of shape {tuple(images.shape)}")
+            raise InputError(f"pixel values must be [B, 3, H, W], got a tensor of shape {tuple(images.shape)}")
         return images
     if isinstance(images, (Image.Image, str, Path)):
         return [images]
@@ -32,7 +34,7 @@ def as_text_list(texts: str | Sequence[str], what: str) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"{what} {index} is a {type(text).__name__}, not a string")
         if not text.strip():
-            raise ValueError(f"{what} {index} is empty: give some text")
+            raise InputError(f"{what} {index} is empty: give some text")
     return texts
 
 
@@ -44,13 +46,13 @@ def pair_up(count_a: int, name_a: str, count_b: int, name_b: str) -> tuple[list[
         return [0] * count_b, list(range(count_b))
     if count_b == 1:
         return list(range(count_a)), [0] * count_a
-    raise ValueError(f"{count_a} {name_a} but {count_b} {name_b}: give as many of each, or one of either for all")
+    raise InputError(f"{count_a} {name_a} but {count_b} {name_b}: give as many of each, or one of either for all")
 
 
 def batch_slices(total: int, batch_size: int) -> list[slice]:
     """Consecutive slices of at most ``batch_size`` covering ``range(total)``."""
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     return [slice(start, min(start + batch_size, total)) for start in range(0, total, batch_size)]
 
 

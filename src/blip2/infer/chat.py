@@ -26,7 +26,7 @@ recompute the whole conversation.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,8 +34,15 @@ from torch import Tensor
 
 from blip2.data.conversation import IMAGE_ID, Message, conversation_format
 from blip2.data.images import load_image
+from blip2.errors import InputError
 from blip2.infer.batching import ImageInput
-from blip2.infer.decoding import DecoderRunner, GenerationOptions, decode_loop, stream_tokens, text_pieces
+from blip2.infer.decoding import (
+    DecoderRunner,
+    GenerationOptions,
+    decode_loop,
+    stream_tokens,
+    text_pieces,
+)
 
 if TYPE_CHECKING:
     from blip2.pipeline import Blip2Pipeline
@@ -46,12 +53,17 @@ CHAT_MAX_NEW_TOKENS = 256  # a chat reply's default length (captions and answers
 @dataclass
 class TurnStats:
     """What the last turn cost: conversation length before the reply, positions reused from the cache,
-    positions computed for the prompt (the rest of the conversation), and tokens generated."""
+    positions computed for the prompt (the rest of the conversation), and the tokens generated (``reply_ids``:
+    every one, special tokens and the final end-of-text included)."""
 
     prompt_tokens: int
     reused_tokens: int
     computed_tokens: int
-    generated_tokens: int = 0
+    reply_ids: list[int] = field(default_factory=list)
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.reply_ids)
 
 
 class ChatSession:
@@ -114,9 +126,9 @@ class ChatSession:
         gen.setdefault("max_new_tokens", CHAT_MAX_NEW_TOKENS)
         options = GenerationOptions.from_kwargs(gen)
         if not isinstance(text, str) or not text.strip():
-            raise ValueError("the message is empty: type something to ask")
+            raise InputError("the message is empty: type something to ask")
         if streaming and options.num_beams > 1:
-            raise ValueError("beam search cannot stream: use num_beams=1, or ask() for a beam-search reply")
+            raise InputError("beam search cannot stream: use num_beams=1, or ask() for a beam-search reply")
         self._close_active()
         text = text.strip()
         ids = self.format.token_ids(self._messages(text), self.pipe.model.num_visual)
@@ -142,7 +154,7 @@ class ChatSession:
     def _record(self, text: str, reply: list[int]) -> None:
         reply_text = self.tokenizer.decode(reply)
         self._turns += [("user", text), ("assistant", reply_text)]
-        self.last_stats.generated_tokens = len(reply)
+        self.last_stats.reply_ids = list(reply)
         self._active = None
 
     def _close_active(self) -> None:
@@ -171,7 +183,7 @@ class ChatSession:
             self._cached_ids = held + [token]
             return logits
 
-        yield from decode_loop(first, feed, options, self.tokenizer.eos_token_id)
+        yield from decode_loop(first, feed, options, self.tokenizer)
 
     @torch.no_grad()
     def _recomputed_tokens(self, ids: list[int], options: GenerationOptions, streaming: bool) -> Iterator[int]:
@@ -181,7 +193,7 @@ class ChatSession:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         self.last_stats = TurnStats(len(ids), 0, len(ids))
         if streaming:
-            yield from stream_tokens(self.llm, embeds, mask, options, self.tokenizer.eos_token_id)
+            yield from stream_tokens(self.llm, embeds, mask, options, self.tokenizer)
             return
         with options.seeded(embeds.device):
             out = self.llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(self.tokenizer))
@@ -213,7 +225,7 @@ class ChatSession:
     def _check_context(self, length: int, options: GenerationOptions) -> None:
         limit = self.llm.context_length()
         if limit is not None and length + options.max_new_tokens > limit:
-            raise ValueError(
+            raise InputError(
                 f"the conversation is {length} tokens; with max_new_tokens={options.max_new_tokens} it exceeds the "
                 f"LLM's context of {limit} tokens: reset() the session (/reset in `blip2 chat`) or lower max_new_tokens"
             )

@@ -14,68 +14,111 @@ import dataclasses
 import inspect
 import re
 import unicodedata
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers.generation import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation import (
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from blip2.data.text import LLMTokenizer
+from blip2.errors import InputError
 from blip2.models.language import FrozenLLM
+
+# LAVIS's generate() arguments -> ours (``use_nucleus_sampling`` also sets LAVIS's top_p 0.9 unless top_p is given)
+LAVIS_NAMES = {"min_length": "min_new_tokens", "max_length": "max_new_tokens", "use_nucleus_sampling": "do_sample"}
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """How text is decoded: greedy by default, beam search with ``num_beams > 1``, sampling with ``do_sample``.
+    """How text is decoded: greedy by default, beam search with ``num_beams > 1``, sampling with ``do_sample``;
+    the names and meanings of transformers' ``GenerationConfig``.
 
     ``top_k=0`` and ``top_p=1.0`` switch those filters off. ``length_penalty`` only affects beam search
-    (scores are divided by length ** length_penalty). ``seed`` makes sampling reproducible without touching
-    the global random state.
+    (scores are divided by length ** length_penalty). ``min_new_tokens``: no end-of-text before that many tokens;
+    ``no_repeat_ngram_size``: no n-gram of that size twice; ``stop_strings``: stop once the text ends with one (it
+    is kept, as transformers keeps it); ``eos_token_id``: more token ids that end the text, beside the tokenizer's
+    EOS. ``seed`` makes sampling reproducible without touching the global random state.
     """
 
     max_new_tokens: int = 30
+    min_new_tokens: int = 0
     num_beams: int = 1
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    eos_token_id: tuple[int, ...] = ()
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_strings", _as_tuple(self.stop_strings))
+        object.__setattr__(self, "eos_token_id", _as_tuple(self.eos_token_id))
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
             (self.num_beams >= 1, "num_beams must be >= 1"),
             (self.temperature > 0, "temperature must be > 0 (use do_sample=False for greedy decoding)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0: no top-k filter)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0: none)"),
+            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0 (0: off)"),
+            (all(isinstance(t, str) and t for t in self.stop_strings), "stop_strings must be non-empty strings"),
+            (all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.eos_token_id),
+             "eos_token_id must be token ids (integers >= 0)"),
             (not (self.do_sample and self.num_beams > 1), "choose beam search (num_beams > 1) or do_sample, not both"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"{message}; got {self}")
+                raise InputError(f"{message}; got {self}")
 
     @classmethod
     def from_kwargs(cls, gen: dict) -> "GenerationOptions":
-        """Options from keyword arguments, refusing unknown names (a typo would otherwise be ignored)."""
+        """Options from keyword arguments, LAVIS's names accepted (``min_length``, ``max_length``,
+        ``use_nucleus_sampling``), unknown names refused (a typo would otherwise be ignored)."""
+        gen = dict(gen)
+        if gen.pop("use_nucleus_sampling", False):
+            gen.setdefault("do_sample", True)
+            gen.setdefault("top_p", 0.9)
+        for lavis, ours in LAVIS_NAMES.items():
+            if lavis in gen:
+                if ours in gen:
+                    raise TypeError(f"give {ours} or LAVIS's {lavis}, not both")
+                gen[ours] = gen.pop(lavis)
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(gen) - set(known))
         if unknown:
             hint = "; to stream, call model.stream(...) or session.stream(...)" if "stream" in unknown else ""
-            raise TypeError(f"unknown generation option(s) {unknown}; known: {known}{hint}")
+            raise TypeError(f"unknown generation option(s) {unknown}; known: {known} (and LAVIS's "
+                            f"{sorted(LAVIS_NAMES)}){hint}")
         return cls(**gen)
+
+    def stop_ids(self, tokenizer: LLMTokenizer) -> list[int]:
+        """Every token id that ends the text: the tokenizer's EOS and ``eos_token_id``."""
+        return list(dict.fromkeys([tokenizer.eos_token_id, *self.eos_token_id]))
 
     def hf_kwargs(self, tokenizer: LLMTokenizer) -> dict:
         """The same choice expressed as transformers ``generate`` arguments."""
         kwargs = dict(
-            max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
-            repetition_penalty=self.repetition_penalty, eos_token_id=tokenizer.eos_token_id,
+            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens or None, num_beams=self.num_beams,
+            do_sample=self.do_sample, repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size or None, eos_token_id=self.stop_ids(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
+        if self.stop_strings:  # our check, as the token loop makes it (transformers' own needs a subword vocabulary)
+            kwargs.update(stopping_criteria=StoppingCriteriaList([StopStrings(self.stop_strings, tokenizer)]))
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:  # transformers' defaults (or a model's generation_config) must not switch on sampling filters
@@ -100,13 +143,26 @@ class GenerationOptions:
             yield
 
 
+def _as_tuple(value) -> tuple:
+    """One value or a sequence of them -> a tuple (CLI and JSON give lists, Python callers often one string)."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, (str, int)) else tuple(value)
+
+
 def next_token(
-    logits: Tensor, options: GenerationOptions, generated: Tensor, generator: torch.Generator | None = None
+    logits: Tensor, options: GenerationOptions, generated: Tensor, generator: torch.Generator | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> Tensor:
-    """Logits of the next position [B, V] and the tokens generated so far [B, T] -> the chosen tokens [B]."""
+    """Logits of the next position [B, V] and the tokens generated so far [B, T] -> the chosen tokens [B]; no
+    ``stop_ids`` before ``min_new_tokens``."""
     scores = logits.float()
     if options.repetition_penalty != 1.0 and generated.shape[1]:
         scores = RepetitionPenaltyLogitsProcessor(options.repetition_penalty)(generated, scores)
+    if options.no_repeat_ngram_size:
+        scores = NoRepeatNGramLogitsProcessor(options.no_repeat_ngram_size)(generated, scores)
+    if generated.shape[1] < options.min_new_tokens and stop_ids:
+        scores[:, list(stop_ids)] = float("-inf")
     if not options.do_sample:
         return scores.argmax(dim=-1)
     scores = scores / options.temperature
@@ -118,23 +174,43 @@ def next_token(
 
 
 def decode_loop(
-    first_logits: Tensor, feed: Callable[[int], Tensor], options: GenerationOptions, eos_token_id: int | None
+    first_logits: Tensor, feed: Callable[[int], Tensor], options: GenerationOptions, tokenizer: LLMTokenizer
 ) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` chosen tokens for one sequence, stopping after EOS (which is yielded).
+    """Yield up to ``max_new_tokens`` chosen tokens for one sequence, stopping after a stop token (which is yielded)
+    or once the text ends with one of ``options.stop_strings``.
 
     ``first_logits`` [1, V] are the logits after the prompt; ``feed(token)`` runs one token and returns the
     logits [1, V] after it. The last token yielded is never fed.
     """
     generator = options.generator(first_logits.device)
+    stop_ids = options.stop_ids(tokenizer)
     generated = torch.empty(1, 0, dtype=torch.long, device=first_logits.device)  # [1, T]
     logits = first_logits
     for step in range(options.max_new_tokens):
-        token = int(next_token(logits, options, generated, generator))
+        token = int(next_token(logits, options, generated, generator, stop_ids))
         yield token
-        if token == eos_token_id or step == options.max_new_tokens - 1:
-            return
         generated = torch.cat([generated, generated.new_tensor([[token]])], dim=1)
+        if token in stop_ids or step == options.max_new_tokens - 1 or ends_with_stop_string(generated, options, tokenizer):
+            return
         logits = feed(token)
+
+
+def ends_with_stop_string(generated: Tensor, options: GenerationOptions, tokenizer: LLMTokenizer) -> bool:
+    """Whether the text of ``generated`` [1, T] ends with one of ``options.stop_strings``."""
+    return bool(options.stop_strings) and bool(StopStrings(options.stop_strings, tokenizer)(generated, None)[0])
+
+
+class StopStrings(StoppingCriteria):
+    """transformers' ``generate`` stops a row once its decoded text ends with one of ``stops`` (the same test as the
+    token loop's)."""
+
+    def __init__(self, stops: Sequence[str], tokenizer: LLMTokenizer):
+        self.stops, self.tokenizer = tuple(stops), tokenizer
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        """input_ids [B, T] (what was generated so far) -> done [B]."""
+        texts = self.tokenizer.hf.batch_decode(input_ids.tolist())
+        return torch.tensor([text.endswith(self.stops) for text in texts], device=input_ids.device)
 
 
 def forward_accepts(model: torch.nn.Module, name: str) -> bool:
@@ -213,7 +289,7 @@ class EncoderDecoderRunner:
 
 @torch.no_grad()
 def stream_tokens(
-    llm: FrozenLLM, embeds: Tensor, mask: Tensor, options: GenerationOptions, eos_token_id: int | None
+    llm: FrozenLLM, embeds: Tensor, mask: Tensor, options: GenerationOptions, tokenizer: LLMTokenizer
 ) -> Iterator[int]:
     """New tokens for one prompt (``embeds`` [1, L, H], ``mask`` [1, L] all ones), decoded with a fresh cache."""
     if llm.is_encoder_decoder:
@@ -222,7 +298,7 @@ def stream_tokens(
     else:
         runner = DecoderRunner(llm)
         first = runner.feed(embeds)
-    yield from decode_loop(first, runner.feed_token, options, eos_token_id)
+    yield from decode_loop(first, runner.feed_token, options, tokenizer)
 
 
 _LAST_SPACE = re.compile(r"\s(?=\S*$)")

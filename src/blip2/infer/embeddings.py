@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from blip2.infer.batching import Images, as_image_list, as_text_list, batch_slices, pair_up, pixel_batch, select
+from blip2.errors import InputError
+from blip2.infer.batching import (
+    Images,
+    as_image_list,
+    as_text_list,
+    batch_slices,
+    pair_up,
+    pixel_batch,
+    select,
+)
 
 if TYPE_CHECKING:
     from blip2.pipeline import Blip2Pipeline
@@ -30,8 +39,10 @@ def image_embeddings(pipe: "Blip2Pipeline", images: Images, batch_size: int) -> 
 def text_embeddings(pipe: "Blip2Pipeline", texts: str | Sequence[str], batch_size: int) -> Tensor:
     """Normalised [CLS] embeddings [B, E] of the texts run alone through the Q-Former."""
     model = pipe.model
-    texts = check_text_lengths(pipe, as_text_list(texts, "text"))
-    parts = [torch.empty(0, model.cfg.qformer.embed_dim, device=model.device)]
+    texts = as_text_list(texts, "text")
+    parts = [torch.empty(0, model.cfg.qformer.embed_dim, device=model.device)]  # no text: [0, E]
+    if texts:
+        check_text_lengths(pipe, texts)
     for where in batch_slices(len(texts), batch_size):
         parts.append(model.text_embeds_itc(*pipe.tokenize_text(texts[where], max_len=_text_limit(pipe))))
     return torch.cat(parts)
@@ -58,7 +69,7 @@ def check_text_lengths(pipe: "Blip2Pipeline", texts: list[str]) -> list[str]:
     limit = _text_limit(pipe)
     for index, ids in enumerate(pipe.qformer_tokenizer(texts, split_special_tokens=True)["input_ids"]):
         if len(ids) > limit:
-            raise ValueError(
+            raise InputError(
                 f"text {index} is {len(ids)} Q-Former tokens ([CLS] and [SEP] included), more than its {limit} "
                 "positions: shorten it"
             )

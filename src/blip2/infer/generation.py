@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from blip2.infer.batching import Images, as_image_list, as_text_list, batch_slices, pixel_batch, pair_up, select
+from blip2.data.text import pad
+from blip2.errors import InputError
+from blip2.infer.batching import (
+    Images,
+    as_image_list,
+    as_text_list,
+    batch_slices,
+    pair_up,
+    pixel_batch,
+    select,
+)
 from blip2.infer.decoding import GenerationOptions, stream_tokens, text_pieces
 from blip2.prompts import format_questions, vqa_template
 
@@ -33,7 +43,7 @@ def check_prompt_lengths(pipe: "Blip2Pipeline", prompts: Sequence[str], options:
     reserved = pipe.model.num_visual + 1 + (0 if llm.is_encoder_decoder else options.max_new_tokens)  # + BOS or EOS
     for index, count in enumerate(counts):
         if count + reserved > limit:
-            raise ValueError(
+            raise InputError(
                 f"prompt {index} is {count} tokens; with {pipe.model.num_visual} visual tokens, BOS/EOS and "
                 f"max_new_tokens={options.max_new_tokens} that exceeds the LLM's context of {limit} tokens by "
                 f"{count + reserved - limit}: shorten the prompt or lower max_new_tokens"
@@ -49,7 +59,7 @@ def resolve_prompts(prompts: str | Sequence[str] | None, count: int) -> list[str
     if isinstance(prompts, str):
         return listed * count
     if len(listed) != count:
-        raise ValueError(f"{count} images but {len(listed)} prompts: give one prompt per image, or one string for all")
+        raise InputError(f"{count} images but {len(listed)} prompts: give one prompt per image, or one string for all")
     return listed
 
 
@@ -93,26 +103,26 @@ def prompt_embeddings(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked prompts -> LLM input embeddings [B, V + T, H] and mask [B, V + T], nothing cut."""
     longest = check_prompt_lengths(pipe, prompts, options)
-    return prompt_inputs(pipe, features, prompts, max_len=max(longest, 1) + 1)  # + BOS (decoder-only) or EOS (T5)
+    specials = len(pipe.llm_tokenizer.prefix) + len(pipe.llm_tokenizer.suffix)
+    return prompt_inputs(pipe, features, prompts, max_len=max(longest, 1) + max(specials, 1))  # nothing cut
 
 
 def prompt_inputs(
     pipe: "Blip2Pipeline", features: torch.Tensor, prompts: Sequence[str], max_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LLM input for generation, ``[visual prompt ; BOS + prompt]`` (decoder-only, left padded) or
-    ``[visual prompt ; prompt + EOS]`` (encoder-decoder) -> (embeds [B, V + T, H_llm], mask [B, V + T]).
+    ``[visual prompt ; prompt + EOS]`` (encoder-decoder), or the special tokens the tokenizer adds itself
+    (``LLMTokenizer.prompt_ids``) -> (embeds [B, V + T, H_llm], mask [B, V + T]).
 
-    Prompts are cut to ``max_len`` tokens (BOS/EOS included; default ``cfg.llm.max_text_len``, the training
+    Prompts are cut to ``max_len`` tokens (special tokens included; default ``cfg.llm.max_text_len``, the training
     length); the inference functions check lengths first and pass a limit that cuts nothing.
     """
     model = pipe.model
     llm = model.require_llm()
     visual = model.soft_prompt(features, *pipe.qformer_prompt_ids(prompts))  # [B, V, H_llm]
-    decoder_only = not llm.is_encoder_decoder
-    max_len = max_len or model.cfg.llm.max_text_len
-    ids, mask = pipe.llm_tokenizer.tokenize(
-        prompts, max_len, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only
-    )  # [B, T]
+    tokenizer = pipe.llm_tokenizer
+    rows = tokenizer.prompt_ids(prompts, max_len or model.cfg.llm.max_text_len)
+    ids, mask = pad(rows, tokenizer.pad_token_id, pad_left=not llm.is_encoder_decoder)  # [B, T]
     ids, mask = ids.to(visual.device), mask.to(visual.device)
     embeds = torch.cat([visual, llm.embed(ids)], dim=1)
     return embeds, torch.cat([torch.ones(visual.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
@@ -144,13 +154,13 @@ def stream(pipe: "Blip2Pipeline", image, prompt: str | None, options: Generation
     """
     llm = pipe.model.require_llm()
     if options.num_beams > 1:
-        raise ValueError("streaming decodes one sequence token by token: use num_beams=1 (greedy or do_sample)")
+        raise InputError("streaming decodes one sequence token by token: use num_beams=1 (greedy or do_sample)")
     images = as_image_list(image)
     if len(images) != 1:
-        raise ValueError(f"stream takes one image, got {len(images)}: use generate for several")
+        raise InputError(f"stream takes one image, got {len(images)}: use generate for several")
     prompts = resolve_prompts(prompt, 1)
     with torch.no_grad():
         features = pipe.model.image_features(pixel_batch(pipe, images, slice(None)))  # [1, N, D]
         embeds, mask = prompt_embeddings(pipe, features, prompts, options)
-    tokens = stream_tokens(llm, embeds, mask, options, pipe.llm_tokenizer.eos_token_id)
+    tokens = stream_tokens(llm, embeds, mask, options, pipe.llm_tokenizer)
     return text_pieces(tokens, pipe.llm_tokenizer)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.generation import RepetitionPenaltyLogitsProcessor
 
+from blip2.errors import InputError
 from blip2.infer.batching import Images, as_image_list, batch_slices, pixel_batch
 from blip2.infer.decoding import GenerationOptions, next_token
 from blip2.models.qformer import KVCache, QFormer
@@ -40,7 +41,7 @@ def qformer_generate(pipe: "Blip2Pipeline", features: Tensor, options: Generatio
     """Frozen image features [B, N, D] -> one caption per image."""
     model, tokenizer = pipe.model, pipe.qformer_tokenizer
     if tokenizer.bos_token_id is None or tokenizer.sep_token_id is None:
-        raise ValueError(
+        raise InputError(
             "the Q-Former tokenizer needs [DEC] as its BOS token and a [SEP] token: build it with "
             "blip2.weights.bert.load_tokenizer"
         )
@@ -69,7 +70,7 @@ def sample(qformer: QFormer, cache: KVCache, tokenizer, options: GenerationOptio
     generator = options.generator(device)
     for _ in range(options.max_new_tokens):
         logits, cache = step(qformer, tokens, cache)
-        chosen = next_token(logits, options, tokens[:, 1:], generator)  # [B]
+        chosen = next_token(logits, options, tokens[:, 1:], generator, [tokenizer.sep_token_id])  # [B]
         chosen = torch.where(done, tokenizer.pad_token_id, chosen)
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)
         done |= chosen == tokenizer.sep_token_id

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blip2.config import Blip2Config, ConfigError
+from blip2.errors import InputError
 from blip2.models.language import FrozenLLM
 from blip2.models.qformer import QFormer
 from blip2.models.vision import ImageEncoder
@@ -107,7 +108,7 @@ class Blip2Model(nn.Module):
 
     def require_llm(self) -> FrozenLLM:
         if self.llm is None:
-            raise RuntimeError("this is a stage-1 model (no LLM): load a stage-2 model to generate text with an LLM")
+            raise InputError("this is a stage-1 model (no LLM): load a stage-2 model to generate text with an LLM")
         return self.llm
 
     @property
@@ -126,7 +127,7 @@ class Blip2Model(nn.Module):
         llm = self.require_llm()
         if self.cfg.llm.prompt_to_qformer:
             if prompt_ids is None or len(prompt_ids) != len(features):
-                raise ValueError("a model whose Q-Former reads the prompt (llm.prompt_to_qformer) needs one "
+                raise InputError("a model whose Q-Former reads the prompt (llm.prompt_to_qformer) needs one "
                                  "tokenized prompt per image")
             queries = self.joint_queries(features, prompt_ids, prompt_mask)  # [B, Q, H]
         else:
@@ -175,7 +176,7 @@ class Blip2Model(nn.Module):
         mask = torch.cat([torch.ones(prompt.shape[:2], dtype=attention_mask.dtype, device=prompt.device), attention_mask], 1)
         if llm.is_encoder_decoder:
             if decoder_input_ids is None:
-                raise ValueError("an encoder-decoder LLM needs decoder_input_ids")
+                raise InputError("an encoder-decoder LLM needs decoder_input_ids")
             out = llm.model(
                 inputs_embeds=embeds, attention_mask=mask,
                 decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from blip2.errors import InputError
+
 
 class FrozenLLM(nn.Module):
     """A causal or sequence-to-sequence transformers LM, frozen and in eval mode.
@@ -26,7 +28,7 @@ class FrozenLLM(nn.Module):
     def __init__(self, model: PreTrainedModel, bos_token_id: int | None) -> None:
         super().__init__()
         if model.get_output_embeddings() is None:
-            raise ValueError(
+            raise InputError(
                 f"{type(model).__name__} has no language-modelling head: load it with AutoModelForCausalLM "
                 "(decoder-only) or AutoModelForSeq2SeqLM (encoder-decoder)"
             )
@@ -66,7 +68,7 @@ def _check_tied_head(model: PreTrainedModel) -> None:
     tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
     head, table = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     if tied and head is not table:
-        raise ValueError(
+        raise InputError(
             f"{type(model).__name__}'s config sets tie_word_embeddings but lm_head does not share the "
             "input embedding tensor: call model.tie_weights() before wrapping it"
         )

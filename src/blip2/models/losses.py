@@ -9,6 +9,7 @@ from torch import Tensor
 
 from blip2.data.text import IGNORE
 from blip2.distributed import get_rank, get_world_size
+from blip2.errors import InputError
 
 LABEL_SMOOTHING = 0.1
 
@@ -174,7 +175,7 @@ class SpreadMeter:
 
     def value(self) -> float:
         if self.mean is None:
-            raise ValueError("no prompt was added")
+            raise InputError("no prompt was added")
         std = (self.squares / self.count).sqrt()  # [Q, H]
         mean_norm = self.norm_sum / (self.count * self.mean.shape[0])
         return float(std.norm(dim=-1).mean()) / max(mean_norm, 1e-12)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blip2.config import QFormerConfig
+from blip2.errors import InputError
 
 Mode = Literal["unimodal", "bidirectional", "causal"]
 KVCache = list[tuple[Tensor, Tensor]]  # per layer: self-attention (keys, values), each [B, heads, P, head_dim]
@@ -53,7 +54,7 @@ def attention_mask(num_queries: int, text_mask: Tensor | None, mode: Mode) -> Te
         earlier_or_self = torch.ones(len(is_query), len(is_query), dtype=torch.bool, device=device).tril()
         allowed = (earlier_or_self & ~is_query[:, None]) | (is_query[:, None] & is_query[None, :])
     else:
-        raise ValueError(f"unknown attention mode {mode!r}; use 'unimodal', 'bidirectional' or 'causal'")
+        raise InputError(f"unknown attention mode {mode!r}; use 'unimodal', 'bidirectional' or 'causal'")
     key_ok = torch.ones(batch, len(is_query), dtype=torch.bool, device=device)  # [B, L]
     if text_mask is not None:
         key_ok[:, num_queries:] = text_mask.bool()
@@ -135,7 +136,7 @@ class QFormerLayer(nn.Module):
         queries, text = h[:, :num_queries], h[:, num_queries:]  # [B, Q, H], [B, T, H]
         if num_queries and self.cross_attn is not None:
             if image_embeds is None:
-                raise ValueError("image_embeds are required when queries run through a cross-attention layer")
+                raise InputError("image_embeds are required when queries run through a cross-attention layer")
             queries, _ = self.cross_attn(queries, context=image_embeds)
         parts = []
         if num_queries:
@@ -173,7 +174,7 @@ class QFormer(nn.Module):
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         if cfg.encoder_width <= 0:
-            raise ValueError("QFormerConfig.encoder_width must be set to the image encoder's feature width")
+            raise InputError("QFormerConfig.encoder_width must be set to the image encoder's feature width")
         self.cfg = cfg
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, cfg.hidden_size) * 0.02)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0)
@@ -208,9 +209,9 @@ class QFormer(nn.Module):
         """
         past_len = past[0][0].shape[2] if past else 0
         if past and image_embeds is not None:
-            raise ValueError("give either image_embeds (queries run now) or past (queries cached), not both")
+            raise InputError("give either image_embeds (queries run now) or past (queries cached), not both")
         if image_embeds is None and input_ids is None:
-            raise ValueError("nothing to run: give image_embeds and/or input_ids")
+            raise InputError("nothing to run: give image_embeds and/or input_ids")
         new_queries = self.num_queries if image_embeds is not None else 0
         all_queries = new_queries or (self.num_queries if past else 0)
         past_text = past_len - all_queries if past else 0

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from blip2.config import ConfigError
 
+
 class ImageEncoder(nn.Module):
     """A frozen image network that turns pixels into a sequence of token features.
 

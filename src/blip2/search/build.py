@@ -18,6 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from blip2.data.images import ImageError, load_image
+from blip2.errors import InputError
 from blip2.search import model_api
 from blip2.search.sources import Failure, Item, items, read_bytes
 from blip2.search.store import FileRow, MetadataStore, NewImage
@@ -49,7 +50,7 @@ def ingest(store: MetadataStore, backend: Any, model: Any, sources: list[str], b
            progress: bool = True) -> BuildReport:
     """Index every image of ``sources`` not indexed yet; returns what happened."""
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     listed = [items(source) for source in sources]  # every source is checked before anything is written
     total = None if any(count is None for _, count in listed) else sum(count for _, count in listed)
     report, started = BuildReport(), time.perf_counter()

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from blip2.errors import InputError
 
-class SearchIndexError(ValueError):
+
+class SearchIndexError(InputError):
     """A missing, empty, damaged or mismatched index, or a query it cannot answer; the message says what to do."""
 
 

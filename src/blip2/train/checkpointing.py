@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from blip2.config import parse_yaml
+from blip2.errors import InputError
 from blip2.io import read_safetensors, write_atomically
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -42,7 +43,7 @@ FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE, CONFIG_FILE)
 STEP_DIR = re.compile(r"step-(\d+)")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A training checkpoint is missing, incomplete or does not fit the run."""
 
 

@@ -58,7 +58,9 @@ class RunLogger:
             out_dir.mkdir(parents=True, exist_ok=True)
             _drop_records_after(out_dir / METRICS_FILE, start_step)
             self._jsonl = (out_dir / METRICS_FILE).open("a")
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only where it is used
+            from torch.utils.tensorboard import (
+                SummaryWriter,  # slow import: only where it is used
+            )
 
             purge = start_step + 1 if start_step else None  # a resumed run replaces what the killed one logged later
             self._writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=purge)

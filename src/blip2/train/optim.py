@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from blip2.config import ConfigError
+from blip2.errors import InputError
 from blip2.train.config import TrainConfig
+
 
 def build_param_groups(model: nn.Module, cfg: TrainConfig,
                        param_groups: Callable[[nn.Module], list[dict]] | None = None) -> list[dict]:
@@ -22,17 +24,17 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig,
     names = {id(p): name for name, p in model.named_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("the model has no parameter with requires_grad=True: there is nothing to train")
+        raise InputError("the model has no parameter with requires_grad=True: there is nothing to train")
     groups = param_groups(model) if param_groups is not None else [{"params": trainable}]
     built, seen = [], set()
     for i, group in enumerate(groups):
         params = list(group["params"])
         for p in params:
             if not p.requires_grad:
-                raise ValueError(f"param group {i} holds the frozen parameter {names.get(id(p), '?')!r}: "
+                raise InputError(f"param group {i} holds the frozen parameter {names.get(id(p), '?')!r}: "
                                  "leave frozen parameters out of param_groups")
             if id(p) in seen:
-                raise ValueError(f"parameter {names.get(id(p), '?')!r} is in more than one param group")
+                raise InputError(f"parameter {names.get(id(p), '?')!r} is in more than one param group")
             seen.add(id(p))
         options = {"lr_scale": 1.0, **{k: v for k, v in group.items() if k != "params"}}
         if "weight_decay" in group:
@@ -44,7 +46,7 @@ def build_param_groups(model: nn.Module, cfg: TrainConfig,
                 built.append({**options, "weight_decay": decay, "params": members})
     missing = [names[id(p)] for p in trainable if id(p) not in seen]
     if missing:
-        raise ValueError(f"trainable parameters in no param group: {missing[:8]} ({len(missing)} in all); "
+        raise InputError(f"trainable parameters in no param group: {missing[:8]} ({len(missing)} in all); "
                          "add them to param_groups or set requires_grad=False")
     return built
 

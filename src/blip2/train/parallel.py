@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from blip2.distributed import get_world_size, is_distributed
+from blip2.errors import InputError
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
@@ -45,7 +46,7 @@ def wrap_fsdp(module: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
     from torch.distributed.fsdp import fully_shard
 
     if not is_distributed():
-        raise RuntimeError("fsdp: true needs several processes: launch with `torchrun --nproc_per_node=N ...`, "
+        raise InputError("fsdp: true needs several processes: launch with `torchrun --nproc_per_node=N ...`, "
                            "or set fsdp: false for a single process")
     with torch.no_grad():
         for param in module.parameters():

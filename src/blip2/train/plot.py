@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from blip2.errors import InputError
 from blip2.train.logging import read_metrics  # noqa: E402
 
 COLUMNS = 3
@@ -20,7 +21,7 @@ def plot_run(run_dir: str | Path, out_png: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if not records:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no records yet: train for at least log_every steps")
+        raise InputError(f"{run_dir}/metrics.jsonl has no records yet: train for at least log_every steps")
     components = list(dict.fromkeys(name for r in records for name in r["losses"]))  # first-seen order
     panels = components + ["lr"]
     rows = math.ceil(len(panels) / COLUMNS)

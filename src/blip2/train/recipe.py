@@ -22,7 +22,13 @@ from typing import Any
 import yaml
 from torch.utils.data import ConcatDataset
 
-from blip2.config import Blip2Config, ConfigError, from_mapping, parse_yaml, read_yaml_mapping
+from blip2.config import (
+    Blip2Config,
+    ConfigError,
+    from_mapping,
+    parse_yaml,
+    read_yaml_mapping,
+)
 from blip2.data.bad_images import BadImageCounter
 from blip2.data.datasets import open_dataset
 from blip2.data.feature_cache import FeatureCache, encoder_identity
@@ -30,7 +36,7 @@ from blip2.data.records import check_question_type_repeats
 from blip2.data.text import Stage1Collate, Stage2Collate
 from blip2.distributed import is_main
 from blip2.factory import Parts, build
-from blip2.io import read_safetensors, write_atomically
+from blip2.io import check_writable, read_safetensors, write_atomically
 from blip2.train.config import TrainConfig
 from blip2.train.stages import stage1_step, stage2_step
 from blip2.train.trainer import Trainer
@@ -173,6 +179,7 @@ def stage2_collate(recipe: Recipe, parts: Parts) -> Stage2Collate:
 
 def run_recipe(recipe: Recipe) -> Path:
     """Train as the recipe says; returns the final model folder (``out_dir/final``), loadable by ``blip2.load``."""
+    check_writable(recipe.train.out_dir, "train.out_dir")  # before the model is built
     parts = build_stage_model(recipe)
     model = parts.model
     dataset = build_dataset(recipe, parts)

@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from blip2.errors import InputError
+
+
 def epoch_batches(num_examples: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
     """This rank's index batches for one epoch, as DistributedSampler + drop_last would deal them.
 
@@ -41,7 +44,7 @@ class BatchStream:
         self.num_workers, self.seed, self.rank, self.world, self.pin_memory = num_workers, seed, rank, world, pin_memory
         self.iterable = isinstance(dataset, IterableDataset)
         if not self.iterable and not epoch_batches(len(dataset), batch_size, 0, seed, rank, world):
-            raise ValueError(f"the dataset has {len(dataset)} examples, fewer than one batch per process "
+            raise InputError(f"the dataset has {len(dataset)} examples, fewer than one batch per process "
                              f"(batch_size {batch_size} x {world} processes): lower batch_size or add data")
         self.epoch, self.taken = 0, 0
         self._iterator = None
@@ -105,6 +108,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple (e.g. a BadImage record)
+        return type(batch)(*(to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch

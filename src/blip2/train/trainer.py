@@ -13,9 +13,12 @@ model, optimizer, grad scaler, every rank's python/numpy/torch/CUDA generator st
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import os
 import random
+import socket
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
@@ -28,6 +31,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from blip2.config import ConfigError
+from blip2.distributed import (
+    all_gather_json,
+    all_reduce,
+    barrier,
+    is_main,
+    rank_and_world,
+    setup_distributed,
+)
+from blip2.errors import InputError
 from blip2.train.checkpointing import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -47,10 +59,14 @@ from blip2.train.checkpointing import (
     set_rng_state,
     step_dir,
 )
-from blip2.distributed import all_gather_json, all_reduce, barrier, is_main, setup_distributed
 from blip2.train.config import TrainConfig
 from blip2.train.logging import RunLogger
-from blip2.train.optim import build_param_groups, lr_factor, scaled_param_groups, set_learning_rates
+from blip2.train.optim import (
+    build_param_groups,
+    lr_factor,
+    scaled_param_groups,
+    set_learning_rates,
+)
 from blip2.train.parallel import (
     average_gradients,
     clip_grad_norm,
@@ -133,6 +149,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # CUDA generators too
 
 
+class RunLock:
+    """An exclusive lock on a run folder for as long as a run trains in it: a second run started in the same
+    ``out_dir`` is refused at once instead of interleaving its checkpoints, recipe and metrics with the first's."""
+
+    FILE = ".lock"
+
+    def __init__(self, out_dir: str | Path):
+        path = Path(out_dir) / self.FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = path.open("a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise InputError(f"{out_dir} is in use by another training run ({holder}): wait for it to finish, or "
+                             "train in another train.out_dir") from None
+        self.handle.truncate(0)
+        self.handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()  # closing drops the lock
+
+
 # ---- the trainer ---------------------------------------------------------------------------------------------------
 
 
@@ -151,6 +194,7 @@ class Trainer:
         batch_hook: Callable[[Any], None] | None = None,
     ):
         self.cfg = cfg
+        self.lock = RunLock(cfg.out_dir) if rank_and_world()[0] == 0 else None  # before anything is written there
         refuse_to_overwrite(cfg)
         self.batch_hook = batch_hook  # sees every collated batch in the main process (e.g. to count bad images)
         self.rank, self.world, _, self.device = setup_distributed()
@@ -233,6 +277,8 @@ class Trainer:
             barrier()
         finally:
             logger.close()
+            if self.lock is not None:
+                self.lock.release()
         return {**(record or {}), "checkpoint": str(step_dir(cfg.out_dir, self.step))}
 
     def _next_batch(self) -> tuple[Any, int]:

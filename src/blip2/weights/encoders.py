@@ -27,9 +27,14 @@ from transformers.image_utils import (
 )
 
 from blip2.config import ConfigError, VisionConfig
-from blip2.data.preprocess import Preprocess
+from blip2.data.preprocess import Preprocess, ProcessorPreprocess
 from blip2.io import read_state_dict
-from blip2.models.vision import HF_VISION_CLASSES, HFImageEncoder, ImageEncoder, TimmImageEncoder
+from blip2.models.vision import (
+    HF_VISION_CLASSES,
+    HFImageEncoder,
+    ImageEncoder,
+    TimmImageEncoder,
+)
 from blip2.weights.keymap import KeyMapError
 from blip2.weights.offline import efficientnet_lite0_weights
 
@@ -46,8 +51,8 @@ def build_image_encoder(cfg: VisionConfig) -> tuple[ImageEncoder, Preprocess]:
 
 
 def image_encoder_from_hf(
-    module: transformers.PreTrainedModel, preprocess: Preprocess | None = None
-) -> tuple[ImageEncoder, Preprocess]:
+    module: transformers.PreTrainedModel, preprocess: Preprocess | ProcessorPreprocess | None = None
+) -> tuple[ImageEncoder, Preprocess | ProcessorPreprocess]:
     """Wrap an in-memory transformers vision model (or a CLIP/SigLIP/BLIP-2 model's ``vision_model``) -> (encoder,
     its preprocessing). The module is frozen in place. Without ``preprocess``, the usual normalisation of its family
     at ``config.image_size`` is used.
@@ -118,7 +123,33 @@ def _build_hf(cfg: VisionConfig) -> tuple[ImageEncoder, Preprocess]:
             f"{directory}: the {model_class.__name__} weights are incomplete; missing or mismatched: {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)"
         )
-    return image_encoder_from_hf(module, _hf_preprocess(directory, module, cfg.image_size))
+    return image_encoder_from_hf(module, hf_preprocess(cfg, module))
+
+
+def hf_preprocess(cfg: VisionConfig, tower: transformers.PreTrainedModel) -> Preprocess | ProcessorPreprocess:
+    """The preprocessing of the transformers directory ``cfg.path`` for ``tower``: this project's (from its
+    ``preprocessor_config.json``, else the family defaults), or with ``cfg.image_processor`` the directory's own
+    image processor, pixel for pixel."""
+    directory = Path(cfg.path)
+    spec = _hf_preprocess(directory, _vision_tower(tower), cfg.image_size)
+    if not cfg.image_processor:
+        return spec
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"vision.image_processor: {directory} has no readable image processor ({error}); "
+                          "set vision.image_processor to false to use this project's preprocessing") from None
+    if cfg.image_size:
+        processor.size = {"height": cfg.image_size, "width": cfg.image_size}
+    return ProcessorPreprocess(processor, spec)
+
+
+def has_image_processor(directory: Path) -> bool:
+    """Whether a transformers directory ships an image processor configuration."""
+    if (directory / "preprocessor_config.json").is_file():
+        return True
+    processor = directory / "processor_config.json"
+    return processor.is_file() and "image_processor" in json.loads(processor.read_text())
 
 
 def _vision_tower(module: nn.Module) -> transformers.PreTrainedModel:

@@ -25,9 +25,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.integrations.gguf.reader import read_gguf_metadata
 
+from blip2.errors import InputError
 from blip2.io import write_atomically
 from blip2.weights.offline import cache_dir, smollm2_gguf
 
@@ -37,7 +43,7 @@ CACHE_FORMAT = 1
 WEIGHTS_NAME = "model.safetensors"
 
 
-class CorruptCacheError(RuntimeError):
+class CorruptCacheError(InputError):
     """A converted-model cache directory is incomplete, damaged or stale."""
 
 
@@ -105,7 +111,7 @@ def _repair_tokenizer(tokenizer: PreTrainedTokenizerBase, gguf: Path, max_length
     """
     pre = _gguf_string(gguf, "tokenizer.ggml.pre")
     if pre != "smollm":
-        raise ValueError(f"{gguf} declares pre-tokenizer {pre!r}; this converter handles only 'smollm' (SmolLM2)")
+        raise InputError(f"{gguf} declares pre-tokenizer {pre!r}; this converter handles only 'smollm' (SmolLM2)")
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Digits(individual_digits=True),

@@ -36,7 +36,14 @@ from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.data.preprocess import Preprocess
 from blip2.io import write_atomically
 from blip2.models.blip2 import Blip2Model
-from blip2.weights.keymap import KeyMapError, copy_query_ffn_to_text_ffn, load_mapped, qformer_layer_map, with_params
+from blip2.weights.encoders import has_image_processor
+from blip2.weights.keymap import (
+    KeyMapError,
+    copy_query_ffn_to_text_ffn,
+    load_mapped,
+    qformer_layer_map,
+    with_params,
+)
 
 # ---- key maps: transformers module name -> our module name; each entry covers its .weight and .bias --------------
 
@@ -256,9 +263,10 @@ def config_from_hf(hf_model: transformers.PreTrainedModel, path: Path, retrieval
     vocab_size = config.qformer_config.vocab_size
     if not retrieval:
         vocab_size = max(vocab_size, len(qformer_tokenizer))
-    llm = None if retrieval else LLMConfig(kind="hf", path=str(path), dtype=_dtype_name(hf_model.language_model.dtype))
+    llm = None if retrieval else LLMConfig(kind="hf", path=str(path), dtype=_dtype_name(hf_model.language_model.dtype),
+                                            tokenizer_specials=True)
     return Blip2Config(
-        vision=VisionConfig(kind="hf", path=str(path)),
+        vision=VisionConfig(kind="hf", path=str(path), image_processor=has_image_processor(path)),
         qformer=qformer_config_from_hf(config, vocab_size, qformer_tokenizer_name),
         llm=llm,
         vision_norm_eps=config.vision_config.layer_norm_eps,

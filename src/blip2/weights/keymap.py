@@ -7,8 +7,10 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
+from blip2.errors import InputError
 
-class KeyMapError(ValueError):
+
+class KeyMapError(InputError):
     """A checkpoint's keys or shapes do not fit the expected layout."""
 
 

@@ -28,6 +28,7 @@ import transformers
 from torch import Tensor
 
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from blip2.errors import InputError
 from blip2.io import read_torch_file
 from blip2.models.blip2 import Blip2Model
 from blip2.weights.keymap import (
@@ -263,12 +264,12 @@ def lavis_config(
     vision_cfg, llm_cfg = _part(vision, VisionConfig, "vision"), _part(llm, LLMConfig, "llm")
     stage1, projection = _layout(state, path)
     if vision_cfg is None:
-        raise ValueError(
+        raise InputError(
             f"{path}: name the frozen image encoder with vision=VisionConfig(...) (for the official checkpoints, "
             "kind='hf' with a Blip2 directory: EVA ViT-g)"
         )
     if projection and llm_cfg is None:
-        raise ValueError(
+        raise InputError(
             f"{path} is a stage-2 checkpoint ({projection}.*): "
             "name its frozen LLM with llm=LLMConfig(kind='hf', path=...)"
         )
@@ -361,7 +362,7 @@ def _eva_from_ours(model: Blip2Model) -> dict[str, Tensor]:
     for i in blocks:
         q, k, v = ours[VISION_PREFIX + qkv_key.format(i)].chunk(3)  # [3D] -> 3 x [D]
         if k.any():
-            raise ValueError(f"vision layer {i} has a non-zero key bias, which EVA's attention cannot hold")
+            raise InputError(f"vision layer {i} has a non-zero key bias, which EVA's attention cannot hold")
         state[q_key.format(i)], state[v_key.format(i)] = q, v
     return state
 

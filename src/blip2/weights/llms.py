@@ -7,24 +7,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from blip2.config import LLMConfig
 from blip2.data.text import LLMTokenizer
+from blip2.errors import InputError
 from blip2.models.language import FrozenLLM
 from blip2.weights.gguf import smollm2_dir
 
 SMOLLM2_DOCUMENT_START = "<|endoftext|>"
 
 
-class LLMLoadError(RuntimeError):
+class LLMLoadError(InputError):
     """A language model directory is missing, incomplete or unreadable."""
 
 
-def llm_from_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[FrozenLLM, LLMTokenizer]:
-    """Wrap an in-memory transformers LM (frozen in place) and its tokenizer."""
-    text = LLMTokenizer(tokenizer, bool(model.config.is_encoder_decoder))
+def llm_from_hf(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tokenizer_specials: bool = False
+) -> tuple[FrozenLLM, LLMTokenizer]:
+    """Wrap an in-memory transformers LM (frozen in place) and its tokenizer (``LLMConfig.tokenizer_specials``)."""
+    text = LLMTokenizer(tokenizer, bool(model.config.is_encoder_decoder), tokenizer_specials)
     return FrozenLLM(model, text.bos_token_id), text
 
 
@@ -41,10 +50,11 @@ def build_llm(cfg: LLMConfig, dtype: torch.dtype | None = None) -> tuple[FrozenL
         path = smollm2_dir()
         remedy = f"the SmolLM2 cache is damaged: delete {path} and run again to rebuild it"
         model, tokenizer = load_lm_dir(path, dtype, remedy)
-        return llm_from_hf(model, use_document_start_as_bos(model, tokenizer, SMOLLM2_DOCUMENT_START))
+        tokenizer = use_document_start_as_bos(model, tokenizer, SMOLLM2_DOCUMENT_START)
+        return llm_from_hf(model, tokenizer, cfg.tokenizer_specials)
     path = Path(cfg.path).expanduser()
     remedy = "point llm.path at a transformers model directory (config.json, weights and tokenizer files)"
-    return llm_from_hf(*load_lm_dir(path, dtype, remedy))
+    return llm_from_hf(*load_lm_dir(path, dtype, remedy), cfg.tokenizer_specials)
 
 
 def use_document_start_as_bos(
@@ -57,7 +67,7 @@ def use_document_start_as_bos(
     the document separator ``<|endoftext|>``; with that as BOS, stage 2 learns faster (docs/llm.md).
     """
     if token not in tokenizer.get_vocab():
-        raise ValueError(f"{token!r} is not a token of this tokenizer")
+        raise InputError(f"{token!r} is not a token of this tokenizer")
     tokenizer.bos_token = token
     model.config.bos_token_id = model.generation_config.bos_token_id = tokenizer.bos_token_id
     return tokenizer
