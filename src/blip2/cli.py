@@ -63,7 +63,8 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, defaul
     parser.add_argument(  # a repeated list option adds to the list (--set a=1 --set b=2), never replaces it
         *flags, dest=dest or name, type=kind, nargs="+" if many else None, choices=choices,
         action="extend" if many else "store", metavar=None if choices else name.upper(),
-        **({"required": True, "help": "(required)"} if required else {"default": default, "help": f"(default: {default})"}),
+        **({"required": True, "help": "(required)"} if required else
+           {"default": list(default) if many and default is not None else default, "help": f"(default: {default})"}),
     )  # fmt: skip
 
 

@@ -38,7 +38,7 @@ from blip2.train.parallel import full_tensor
 from blip2.train.trainer import Trainer
 from blip2.weights.bert import load_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))  # the tiny worlds of test_trainer.py and test_stages.py
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # test_trainer's tiny world, tests/tiny.py
 from test_trainer import Regression, TinyNet, mean_loss, trained_weights  # noqa: E402
 from tiny import TINY_QFORMER  # noqa: E402
 

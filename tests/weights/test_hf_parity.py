@@ -150,9 +150,11 @@ def test_greedy_generations_match_transformers(tiny_blip2, pixels, text, seed):
     prompts = ["w1 w2 w3", "w4"]  # different lengths: the batch is left-padded
     ours = model.generate(pixels(), prompts, max_new_tokens=8)
 
-    decoder_only = not model.model.llm.is_encoder_decoder  # Blip2Processor's layout: <image> x Q, then the tokenized prompt
-    ids, mask = model.llm_tokenizer.tokenize(prompts, 16, add_bos=decoder_only, add_eos=not decoder_only, pad_left=decoder_only)
-    ids, mask = with_image_tokens(hf_model, ids, mask)
+    decoder_only = not model.model.llm.is_encoder_decoder  # Blip2Processor's layout: <image> x Q, then the prompt as
+    tokenizer = model.llm_tokenizer.hf  # its tokenizer tokenizes it (this one adds no special token of its own)
+    tokenizer.padding_side = "left" if decoder_only else "right"
+    batch = tokenizer(prompts, padding=True, return_tensors="pt")
+    ids, mask = with_image_tokens(hf_model, batch.input_ids, batch.attention_mask)
     out = hf_model.generate(
         pixel_values=pixels(), input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False
     )

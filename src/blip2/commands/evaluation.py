@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Literal
 
 from blip2.errors import InputError
 from blip2.eval.capfilt import capfilt as run_capfilt
 from blip2.eval.evaluate import evaluate
+from blip2.infer.decoding import GenerationOptions
 from blip2.io import check_writable
 from blip2.pipeline import load
 
@@ -15,7 +17,7 @@ from blip2.pipeline import load
 def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, model: str = "default", out: str | None = None,
          limit: int | None = None, k: int = 128, caption_index: int | None = None, features: str | None = None,
          annotations: str | None = None, batch_size: int = 16,
-         normalize: Literal["official", "always"] | None = None) -> None:
+         normalize: Literal["official", "always"] | None = None, gen: GenerationOptions = GenerationOptions()) -> None:
     """Evaluate a model on a dataset: caption (BLEU-4, METEOR, ROUGE-L, CIDEr), vqa (VQAv2 accuracy) or
     retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128) or
     grounding (a stage-2 model's caption loss with each image's own visual prompt vs another image's: 0 gap
@@ -27,6 +29,7 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, 
     VQA type over 200 questions can be off by 0.1 or more. --caption-index scores only that caption of each
     image (retrieval, grounding). --normalize (vqa): "official" (default; as the official VQA script, answers
     are normalised only where the ten human answers differ) or "always" (both sides of every question).
+    The generation options (caption, vqa; default greedy, 10 new tokens for answers) are those of `blip2 caption`.
     """
     task_only = {"--caption-index": (caption_index, ("retrieval", "grounding")), "--annotations": (annotations, ("vqa",)),
                  "--normalize": (normalize, ("vqa",))}
@@ -42,6 +45,11 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, 
         kw["annotations"] = annotations
     if normalize is not None:
         kw["normalize"] = normalize
+    chosen = {f.name: getattr(gen, f.name) for f in dataclasses.fields(gen)
+              if getattr(gen, f.name) != getattr(GenerationOptions(), f.name)}
+    if chosen and task not in ("caption", "vqa"):
+        raise InputError(f"generation options ({', '.join(chosen)}) do not apply to eval {task}; leave them out")
+    kw.update(chosen)
     if out is not None:
         check_writable(out, "--out")  # before any image is read
     results = evaluate(task, load(model), data, out_dir=out, **kw)

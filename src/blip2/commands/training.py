@@ -69,14 +69,17 @@ def plot(run: str, out: str | None = None) -> None:
 
 def demo(retrain: bool = False, data_root: str = "data/shapes", runs: str = "runs/demo", report: str = "reports/demo",
          stage1_steps: int | None = None, retrieval_steps: int | None = None, stage2_steps: int | None = None,
-         eval_limit: int = 60, train_images: int | None = None) -> None:
+         eval_limit: int = 60, train_images: int | None = None, test_images: int | None = None,
+         compositional_images: int | None = None) -> None:
     """The main job: generate the shapes world, train stage 1 (then fine-tune it for retrieval) and stage 2 from
     the offline parts, evaluate, and write a report (metrics, training curves, captioned test images). A trained
     demo model is reused unless --retrain. Longer runs: more --stage1-steps/--retrieval-steps/--stage2-steps (each
-    of stage 2's two phases) and --train-images (see docs/training.md)."""
+    of stage 2's two phases) and --train-images (see docs/training.md); --test-images and --compositional-images
+    size the evaluation splits (a quick try: a few of each)."""
     config = DemoConfig(data_root=data_root, runs=runs, report=report, stage1_steps=stage1_steps,
                         retrieval_steps=retrieval_steps, stage2_steps=stage2_steps, eval_limit=eval_limit,
                         retrain=retrain)
-    if train_images is not None:
-        config.sizes["train"] = train_images
+    for split, count in (("train", train_images), ("test", test_images), ("compositional", compositional_images)):
+        if count is not None:
+            config.sizes[split] = count
     run_demo(config)

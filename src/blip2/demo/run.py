@@ -4,7 +4,7 @@
 2. cache the frozen EfficientNet-Lite0 features once;
 3. stage 1 (ITC + ITM + ITG), its retrieval fine-tune (the same losses on the captions with sizes and positions)
    and stage 2 (soft prompt into SmolLM2-135M-Instruct: the projection alone, then with the Q-Former) from the
-   recipes in ``recipes/``, each phase starting from the one before;
+   packaged recipes (``demo/recipes/``), each phase starting from the one before;
 4. evaluate retrieval, VQA and captioning on the test and compositional splits, how much stage 2's captions
    depend on the image (``eval/run_grounding.py``), and the untrained baseline;
 5. write a report folder: metrics (JSON + Markdown), training curves, a grid of test images with their captions.
@@ -50,7 +50,7 @@ def recipe_file(spec: str | Path) -> Path:
     names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
     raise FileNotFoundError(f"recipe {spec} not found: give a recipe file, or one of the packaged recipes: {names}")
 SPECIFIC_CAPTION = 2  # the shapes world's most specific paraphrase (with sizes and positions): the retrieval query
-# the training phases in order, each started from the one before (recipes/shapes_<phase>.yaml): stage 1, its retrieval
+# the training phases in order, each started from the one before (demo/recipes/shapes_<phase>.yaml): stage 1, its retrieval
 # fine-tune, then stage 2 with the projection alone and with the whole Q-Former
 PHASES = ("stage1", "retrieval", "stage2_warmup", "stage2")
 STAGE2_PHASES = PHASES[2:]

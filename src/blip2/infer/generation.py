@@ -2,13 +2,14 @@
 
 Every prompt goes in as ``[visual prompt ; BOS + prompt]`` (decoder-only) or ``[visual prompt ; prompt + EOS]``
 into the encoder (encoder-decoder), the layout BLIP-2 trains with; a model loaded from transformers reads its
-prompts as its saved processor tokenizes them (``LLMTokenizer.prompt_specials``).
+prompts as its saved processor tokenizes them (``LLMConfig.tokenizer_specials``).
 Prompts are never cut silently: one that does not fit the LLM's context window, together with the visual
 tokens and ``max_new_tokens``, raises ``ValueError`` naming it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -91,7 +92,8 @@ def generate_from_features(
     transformers' ``generate`` (one batch; the texts are what follows the prompts)."""
     llm, tokenizer = pipe.model.require_llm(), pipe.llm_tokenizer
     embeds, mask = prompt_embeddings(pipe, features, prompts, options)
-    with options.seeded(embeds.device):
+    with options.seeded(embeds.device), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")  # it applies to the new text: as meant
         out = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **options.hf_kwargs(tokenizer))
     # with inputs_embeds only, a decoder-only model returns just the new tokens (as does the decoder of T5)
     return [tokenizer.decode(row) for row in out.tolist()]
@@ -112,7 +114,7 @@ def prompt_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LLM input for generation, ``[visual prompt ; BOS + prompt]`` (decoder-only, left padded) or
     ``[visual prompt ; prompt + EOS]`` (encoder-decoder), or the special tokens the tokenizer adds itself
-    (``LLMTokenizer.prompt_ids``) -> (embeds [B, V + T, H_llm], mask [B, V + T]).
+    (``LLMConfig.tokenizer_specials``, ``LLMTokenizer.prompt_ids``) -> (embeds [B, V + T, H_llm], mask [B, V + T]).
 
     Prompts are cut to ``max_len`` tokens (special tokens included; default ``cfg.llm.max_text_len``, the training
     length); the inference functions check lengths first and pass a limit that cuts nothing.

@@ -1,0 +1,56 @@
+"""`blip2 eval|capfilt`: measuring a model, cleaning a dataset with it."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from blip2.errors import InputError
+from blip2.eval.capfilt import capfilt as run_capfilt
+from blip2.eval.evaluate import evaluate
+from blip2.io import check_writable
+from blip2.pipeline import load
+
+
+def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, model: str = "default", out: str | None = None,
+         limit: int | None = None, k: int = 128, caption_index: int | None = None, features: str | None = None,
+         annotations: str | None = None, batch_size: int = 16,
+         normalize: Literal["official", "always"] | None = None) -> None:
+    """Evaluate a model on a dataset: caption (BLEU-4, METEOR, ROUGE-L, CIDEr), vqa (VQAv2 accuracy) or
+    retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128) or
+    grounding (a stage-2 model's caption loss with each image's own visual prompt vs another image's: 0 gap
+    and own_better 0.5 mean the text ignores the image).
+
+    DATA is any caption/VQA dataset (COCO/Flickr Karpathy JSON, VQAv2 questions + --annotations, a manifest,
+    a shapes split). --features reads cached encoder outputs instead of images. Results go to --out as JSON
+    and a Markdown table. --limit N scores only the first N images (N questions for vqa): quick, but a
+    VQA type over 200 questions can be off by 0.1 or more. --caption-index scores only that caption of each
+    image (retrieval, grounding). --normalize (vqa): "official" (default; as the official VQA script, answers
+    are normalised only where the ten human answers differ) or "always" (both sides of every question).
+    """
+    task_only = {"--caption-index": (caption_index, ("retrieval", "grounding")), "--annotations": (annotations, ("vqa",)),
+                 "--normalize": (normalize, ("vqa",))}
+    misplaced = [flag for flag, (value, tasks) in task_only.items() if value is not None and task not in tasks]
+    if misplaced:
+        raise InputError(f"{', '.join(misplaced)} does not apply to eval {task}; leave it out")
+    kw = {"limit": limit, "batch_size": batch_size, "features": features}
+    if task == "retrieval":
+        kw["k"] = k
+    if caption_index is not None:
+        kw["caption_index"] = caption_index
+    if annotations is not None:
+        kw["annotations"] = annotations
+    if normalize is not None:
+        kw["normalize"] = normalize
+    if out is not None:
+        check_writable(out, "--out")  # before any image is read
+    results = evaluate(task, load(model), data, out_dir=out, **kw)
+    print(json.dumps({k: v for k, v in results.items() if k != "predictions"}, indent=2, default=str))
+
+
+def capfilt(data: str, out: str, model: str = "default", num_captions: int = 3, threshold: float = 0.5, keep: int = 2,
+            score: Literal["itm", "itc"] = "itm", limit: int | None = None, batch_size: int = 16) -> None:
+    """CapFilt (BLIP): caption every image of DATA with nucleus sampling, score original and synthetic captions
+    with ITM (or ITC), and write a cleaned manifest OUT keeping the --keep best captions scoring >= --threshold."""
+    run_capfilt(load(model), data, out, num_captions=num_captions, threshold=threshold, keep=keep, score=score,
+                limit=limit, batch_size=batch_size)
