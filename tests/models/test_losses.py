@@ -258,3 +258,37 @@ def test_stage2_loss_equals_the_llms_own_loss_with_labels(tiny_parts, randomize,
             expected = model.llm.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
     assert (batch["labels"] != -100).sum(dim=1).unique().numel() > 1  # rows with different target counts
     torch.testing.assert_close(found, expected)
+
+
+def test_stage1_projects_each_images_features_once_per_step(stage1_model, monkeypatch):
+    """ITC and ITM's three passes read one set of cross-attention keys/values per image (the positive rows reuse
+    ITC's, the hard negatives are rows of them): each cross-attention layer projects the batch's features once. The
+    losses equal those of ITM projecting its images anew, to float tolerance.
+    Catches: ITM projecting its 3B image rows again; the negative rows read from the wrong image."""
+    ids, mask = tokens(stage1_model, TEXTS)
+    features = torch.randn(len(TEXTS), stage1_model.vision.num_tokens(), stage1_model.vision.out_dim,
+                           generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    reused = losses.stage1_losses(stage1_model, features, ids, mask)
+    projected = []
+    for layer in stage1_model.qformer.layers:
+        if layer.cross_attn is not None:
+            original = layer.cross_attn.keys_values
+            monkeypatch.setattr(layer.cross_attn, "keys_values",
+                                lambda source, original=original: projected.append(len(source)) or original(source))
+    torch.manual_seed(0)
+    again = losses.stage1_losses(stage1_model, features, ids, mask)
+    cross_layers = sum(layer.cross_attn is not None for layer in stage1_model.qformer.layers)
+    assert projected == [len(TEXTS)] * cross_layers  # one projection of the B images per layer, none for ITM
+    for name in reused:
+        torch.testing.assert_close(again[name], reused[name])
+
+    def projecting_anew(model, image_embeds, ids, mask, sim_i2t, sim_t2i, sizes, context=None):  # before the reuse
+        return original_itm(model, image_embeds, ids, mask, sim_i2t, sim_t2i, sizes, None)
+
+    original_itm = losses.itm_loss
+    monkeypatch.setattr(losses, "itm_loss", projecting_anew)
+    torch.manual_seed(0)
+    anew = losses.stage1_losses(stage1_model, features, ids, mask)
+    for name in reused:
+        torch.testing.assert_close(anew[name], reused[name])

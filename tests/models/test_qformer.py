@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from blip2.config import QFormerConfig
-from blip2.models.qformer import QFormer, attention_mask
+from blip2.models.qformer import ImageContext, QFormer, attention_mask
 
 
 def tiny(**overrides) -> QFormer:
@@ -101,3 +101,22 @@ def test_errors_name_the_cause(qf):
         qf()
     with pytest.raises(ValueError, match="encoder_width"):
         QFormer(QFormerConfig(hidden_size=32, num_heads=4, encoder_width=0, init_from=None))
+
+
+def test_an_image_context_computed_once_reads_like_the_features():
+    """The queries read precomputed cross-attention keys/values (``ImageContext``) exactly as they read the features;
+    rows picked and stacked from it equal the rows computed from their features."""
+    torch.manual_seed(0)
+    cfg = QFormerConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64, num_query_tokens=4,
+                        encoder_width=24, cross_attention_freq=2, init_from=None)
+    qformer = QFormer(cfg).eval()
+    images = torch.randn(3, 5, 24)  # [B, N, D]
+    context = qformer.image_context(images)
+    assert [kv is None for kv in context.keys_values] == [False, True, False] and len(context) == 3
+    torch.testing.assert_close(qformer(context).queries, qformer(images).queries, rtol=0, atol=0)
+    rows = torch.tensor([2, 0, 2])
+    picked = ImageContext.cat([context.select(rows), context.select(torch.tensor([1]))])
+    torch.testing.assert_close(qformer(picked).queries, qformer(images[[2, 0, 2, 1]]).queries)
+    ids = torch.tensor([[101, 7, 8, 102]] * 4)
+    joint = qformer(picked, ids, mode="bidirectional").queries
+    torch.testing.assert_close(joint, qformer(images[[2, 0, 2, 1]], ids, mode="bidirectional").queries)

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from blip2.errors import InputError
+from blip2.io import write_text_atomically
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "cross": "crosses"}
@@ -472,8 +473,8 @@ def write_split(root: Path, split: str, n: int, cfg: ShapesConfig, progress: boo
                 "question_type": qa.kind,
                 "held_out": qa.held_out,
             })  # fmt: skip
-    _write_text(out / "captions.jsonl", "".join(json.dumps(row) + "\n" for row in caption_rows))
-    _write_text(out / "vqa.json", json.dumps(vqa_rows))
+    write_text_atomically(out / "captions.jsonl", "".join(json.dumps(row) + "\n" for row in caption_rows))
+    write_text_atomically(out / "vqa.json", json.dumps(vqa_rows))
     coco = {
         "info": {"description": f"blip2 shapes world, split {split}", "version": str(FORMAT_VERSION)},
         "licenses": [],
@@ -481,8 +482,8 @@ def write_split(root: Path, split: str, n: int, cfg: ShapesConfig, progress: boo
         "images": coco_images,
         "annotations": coco_annotations,
     }
-    _write_text(out / "coco_captions.json", json.dumps(coco))
-    _write_text(out / META_FILE, json.dumps(_meta(split, n, cfg), indent=2))
+    write_text_atomically(out / "coco_captions.json", json.dumps(coco))
+    write_text_atomically(out / META_FILE, json.dumps(_meta(split, n, cfg), indent=2))
     return out
 
 
@@ -490,13 +491,6 @@ def _meta(split: str, n: int, cfg: ShapesConfig) -> dict:
     # through JSON so tuples compare equal to the lists read back
     meta = {"format_version": FORMAT_VERSION, "split": split, "n": n, "config": dataclasses.asdict(cfg)}
     return json.loads(json.dumps(meta))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write atomically: a reader never sees half a manifest."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def is_complete(root: Path, split: str, n: int, cfg: ShapesConfig) -> bool:

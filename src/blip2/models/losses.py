@@ -10,6 +10,7 @@ from torch import Tensor
 from blip2.data.text import IGNORE
 from blip2.distributed import get_rank, get_world_size
 from blip2.errors import InputError
+from blip2.models.qformer import ImageContext
 
 LABEL_SMOOTHING = 0.1
 
@@ -91,16 +92,25 @@ def sample_hard_negatives(sim: Tensor, start: int) -> Tensor:
     return torch.multinomial(weights, 1).squeeze(1)
 
 
-def itm_loss(model, image_embeds: Tensor, ids: Tensor, mask: Tensor, sim_i2t, sim_t2i, sizes: list[int]) -> Tensor:
-    """Image-text matching with hard negatives: batch = (pos, pos, neg) images x (pos, neg, pos) texts."""
-    image_embeds_all = gather_with_grad(image_embeds, sizes)  # [G, N, D]
-    ids_all, mask_all = _gather_padded_text(ids, mask, sizes)
+def itm_loss(model, image_embeds: Tensor, ids: Tensor, mask: Tensor, sim_i2t, sim_t2i, sizes: list[int],
+             context: ImageContext | None = None) -> Tensor:
+    """Image-text matching with hard negatives: batch = (pos, pos, neg) images x (pos, neg, pos) texts.
+
+    ``context``: the cross-attention keys and values of ``image_embeds`` [B, N, D] already computed (by ITC): the
+    rows reuse them instead of projecting the same features again (a hard negative from another rank is projected).
+    """
+    context = context if context is not None else model.qformer.image_context(image_embeds)
     start = row_offset(sizes)
-    neg_image = image_embeds_all[sample_hard_negatives(sim_t2i, start)]  # one hard negative image per text
+    neg_rows = sample_hard_negatives(sim_t2i, start)  # one hard negative image per text (global rows)
+    if get_world_size() == 1:
+        neg_context = context.select(neg_rows)
+    else:
+        neg_context = model.qformer.image_context(gather_with_grad(image_embeds, sizes)[neg_rows])  # [B] rows
+    ids_all, mask_all = _gather_padded_text(ids, mask, sizes)
     neg_text = sample_hard_negatives(sim_i2t, start)  # one hard negative text per image
     width = ids_all.shape[1]  # other ranks' texts may be longer
     ids, mask = F.pad(ids, (0, width - ids.shape[1])), F.pad(mask, (0, width - mask.shape[1]))
-    images = torch.cat([image_embeds, image_embeds, neg_image])  # [3B, N, D]
+    images = ImageContext.cat([context, context, neg_context])  # [3B] rows
     texts = torch.cat([ids, ids_all[neg_text], ids])  # [3B, T']
     masks = torch.cat([mask, mask_all[neg_text], mask])
     out = model.qformer(images, texts, masks, mode="bidirectional")
@@ -136,12 +146,13 @@ def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor) -> dict[st
     with torch.no_grad():
         model.temp.clamp_(0.001, 0.5)
     image_embeds = model.vision_norm(features)  # [B, N, D]
-    query_out = model.qformer(image_embeds=image_embeds, use_cache=True)
+    context = model.qformer.image_context(image_embeds)  # cross-attention keys/values: once for ITC and ITM
+    query_out = model.qformer(image_embeds=context, use_cache=True)
     image_feats = model.image_embeds_itc(query_out.queries)  # [B, Q, E]
     text_feat = model.text_embeds_itc(ids, mask)  # [B, E]
     sizes = batch_sizes(ids.shape[0], ids.device)
     itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, model.temp, sizes)
-    itm = itm_loss(model, image_embeds, ids, mask, sim_i2t, sim_t2i, sizes)
+    itm = itm_loss(model, image_embeds, ids, mask, sim_i2t, sim_t2i, sizes, context)
     itg = itg_loss(model, query_out.cache, ids, mask)
     return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg}
 

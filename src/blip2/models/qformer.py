@@ -28,6 +28,30 @@ Mode = Literal["unimodal", "bidirectional", "causal"]
 KVCache = list[tuple[Tensor, Tensor]]  # per layer: self-attention (keys, values), each [B, heads, P, head_dim]
 
 
+@dataclass
+class ImageContext:
+    """What the queries' cross-attention reads of a batch of images, computed once: each layer's keys and values of
+    the image features, each [B, heads, N, head_dim] (None for a layer without cross-attention). Stage 1 runs the
+    queries over the same images in ITC and in ITM's rows; they all read one ``ImageContext`` (``select`` picks
+    rows) instead of projecting the features again."""
+
+    keys_values: list[tuple[Tensor, Tensor] | None]
+
+    def __len__(self) -> int:
+        return next(kv[0].shape[0] for kv in self.keys_values if kv is not None)
+
+    def select(self, rows: Tensor) -> "ImageContext":
+        """The context of images ``rows`` [R] (repeats allowed)."""
+        return ImageContext([None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.keys_values])
+
+    @staticmethod
+    def cat(parts: list["ImageContext"]) -> "ImageContext":
+        """The contexts of several batches, one after the other."""
+        layers = zip(*(part.keys_values for part in parts))
+        return ImageContext([None if kv[0] is None else (torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv]))
+                             for kv in layers])
+
+
 def attention_mask(num_queries: int, text_mask: Tensor | None, mode: Mode) -> Tensor:
     """Boolean mask [B, 1, L, L] (True = may attend) over ``[queries ; text]``, L = Q + T, in one of three modes.
 
@@ -79,18 +103,21 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, -1).transpose(1, 2)  # [B, L, H] -> [B, heads, L, H/heads]
 
+    def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, S, D_kv] -> keys, values [B, heads, S, d]."""
+        return self._heads(self.key(source)), self._heads(self.value(source))
+
     def forward(
         self,
         x: Tensor,
-        context: Tensor | None = None,
+        context: Tensor | tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
         past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x [B, L, H]; context [B, N, D_kv] for cross-attention (else self); returns ([B, L, H], (keys, values))."""
-        source = x if context is None else context
+        """x [B, L, H]; ``context`` for cross-attention, features [B, N, D_kv] or their keys and values (else
+        self-attention); returns ([B, L, H], (keys, values))."""
         q = self._heads(self.query(x))  # [B, heads, L, d]
-        k = self._heads(self.key(source))  # [B, heads, S, d]
-        v = self._heads(self.value(source))
+        k, v = context if isinstance(context, tuple) else self.keys_values(x if context is None else context)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # [B, heads, P + S, d]
             v = torch.cat([past[1], v], dim=2)
@@ -128,16 +155,17 @@ class QFormerLayer(nn.Module):
         x: Tensor,
         num_queries: int,
         mask: Tensor,
-        image_embeds: Tensor | None,
+        image: Tensor | tuple[Tensor, Tensor] | None,
         past: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x [B, L, H] whose first ``num_queries`` positions are queries; returns ([B, L, H], self-attention (k, v))."""
+        """x [B, L, H] whose first ``num_queries`` positions are queries, ``image`` the features [B, N, D] the queries
+        cross-attend to (or their keys and values); returns ([B, L, H], self-attention (k, v))."""
         h, kv = self.self_attn(x, mask=mask, past=past)
         queries, text = h[:, :num_queries], h[:, num_queries:]  # [B, Q, H], [B, T, H]
         if num_queries and self.cross_attn is not None:
-            if image_embeds is None:
+            if image is None:
                 raise InputError("image_embeds are required when queries run through a cross-attention layer")
-            queries, _ = self.cross_attn(queries, context=image_embeds)
+            queries, _ = self.cross_attn(queries, context=image)
         parts = []
         if num_queries:
             parts.append(self.query_ffn(queries))
@@ -192,16 +220,22 @@ class QFormer(nn.Module):
     def num_queries(self) -> int:
         return self.cfg.num_query_tokens
 
+    def image_context(self, image_embeds: Tensor) -> ImageContext:
+        """Image features [B, N, D] -> every cross-attention layer's keys and values of them (``ImageContext``)."""
+        return ImageContext([layer.cross_attn.keys_values(image_embeds) if layer.cross_attn is not None else None
+                             for layer in self.layers])
+
     def forward(
         self,
-        image_embeds: Tensor | None = None,
+        image_embeds: Tensor | ImageContext | None = None,
         input_ids: Tensor | None = None,
         text_mask: Tensor | None = None,
         mode: Mode = "unimodal",
         past: KVCache | None = None,
         use_cache: bool = False,
     ) -> QFormerOutput:
-        """Run the queries (attending to ``image_embeds`` [B, N, D]) and/or text ``input_ids`` [B, T_new].
+        """Run the queries (attending to ``image_embeds`` [B, N, D], or to their ``ImageContext``) and/or text
+        ``input_ids`` [B, T_new].
 
         Queries run when ``image_embeds`` is given; without it, only text runs (the text side of ITC).
         ``past`` is the cache of an earlier call holding the queries (and possibly earlier text): then only the
@@ -218,7 +252,7 @@ class QFormer(nn.Module):
 
         parts = []
         if new_queries:
-            parts.append(self.query_tokens.expand(image_embeds.shape[0], -1, -1))  # [B, Q, H]
+            parts.append(self.query_tokens.expand(len(image_embeds), -1, -1))  # [B, Q, H]
         if input_ids is not None:
             positions = torch.arange(past_text, past_text + input_ids.shape[1], device=input_ids.device)
             parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))  # [B, T, H]
@@ -231,7 +265,8 @@ class QFormer(nn.Module):
 
         cache: KVCache = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, new_queries, mask, image_embeds, past[i] if past else None)
+            image = image_embeds.keys_values[i] if isinstance(image_embeds, ImageContext) else image_embeds
+            x, kv = layer(x, new_queries, mask, image, past[i] if past else None)
             cache.append(kv)
         return QFormerOutput(
             queries=x[:, :new_queries] if new_queries else None,
