@@ -4,6 +4,7 @@ commands run from any folder."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """``pip install --no-deps .`` into a folder of its own (the dependencies come from this environment)."""
-    target = tmp_path_factory.mktemp("site")
+    target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("source")
+    for part in ("src", "pyproject.toml", "README.md"):  # a copy: building writes build/ beside the sources
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, source / part)
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--target", str(target), str(ROOT)], capture_output=True, text=True)
+                           "--target", str(target), str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (target / "blip2" / "demo" / "recipes" / "shapes_stage1.yaml").is_file()
     return target
