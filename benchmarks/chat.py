@@ -12,10 +12,10 @@ from __future__ import annotations
 import tempfile
 import time
 
-import torch
-
 import common
 import model_pair
+import torch
+
 from blip2.data.conversation import IMAGE_ID, conversation_format
 from blip2.infer.decoding import GenerationOptions
 

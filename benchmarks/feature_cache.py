@@ -15,13 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
+import demo
 import torch
 from torch.utils.data import DataLoader
 
-import common
-import demo
+from blip2.data.collate import Stage1Collate
 from blip2.data.feature_cache import cache_features, encoder_identity
-from blip2.data.text import Stage1Collate
 from blip2.demo.shapes import generate
 from blip2.train.recipe import Recipe, build_dataset, build_stage_model
 from blip2.train.stages import stage1_step

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import tempfile
 
-import torch
-
 import common
 import model_pair
+import torch
+
 from blip2.infer.decoding import GenerationOptions
 
 TARGETS = {1: 1.0, 16: 2.0}

@@ -19,12 +19,12 @@ import subprocess
 import sys
 import time
 
-import torch
-
 import common
 import demo
 import model_pair
-from blip2.data.text import Stage1Collate, Stage2Collate
+import torch
+
+from blip2.data.collate import Stage1Collate, Stage2Collate
 from blip2.demo.shapes import ShapesConfig, captions, make_scene, text_rng
 from blip2.pipeline import Blip2Pipeline
 from blip2.train.recipe import build_stage_model

@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import demo
 import torch
 import transformers
 from PIL import Image
 
-import demo
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.data.text import LLMTokenizer
 from blip2.demo.shapes import ShapesConfig, make_scene, render

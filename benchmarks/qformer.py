@@ -15,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import common
+import demo
 import torch
 import transformers
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
-import demo
 from blip2.config import QFormerConfig
 from blip2.models.qformer import QFormer
 from blip2.weights.hf import hf_key_map, hf_qformer_config

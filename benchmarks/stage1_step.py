@@ -15,13 +15,13 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
+import common
+import demo
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
-import demo
 from blip2.config import Blip2Config, QFormerConfig
 from blip2.data.text import qformer_ids
 from blip2.demo.shapes import ShapesConfig, captions, make_scene, text_rng
@@ -111,7 +111,7 @@ def step_of(model, inputs, before: bool, autocast: torch.dtype | None):
                 torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             found = losses.stage1_losses(model, *inputs)
         found["loss"].backward()
-        return {name: float(value) for name, value in found.items()}
+        return {name: float(value.detach()) for name, value in found.items()}
 
     return step
 

@@ -8,9 +8,9 @@ import os
 import re
 
 import pytest
-import torch
 import yaml
 from PIL import Image
+from tiny import TINY_QFORMER, tiny_recipe
 
 from blip2 import pipeline
 from blip2.cli import main
@@ -18,7 +18,6 @@ from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from blip2.demo.shapes import generate
 from blip2.factory import build
 from blip2.weights.checkpoint import save_checkpoint
-from tiny import TINY_QFORMER, tiny_recipe
 
 UNTRANSLATABLE = "caf\udce9"  # how Python hands over a Latin-1 byte the terminal could not decode as UTF-8
 

@@ -8,7 +8,8 @@ import torch
 from conftest import numbered_tokenizer
 from tiny import WORDS, real_like_tokenizer
 
-from blip2.data.text import IGNORE, LLMTokenizer, Stage2Collate
+from blip2.data.collate import Stage2Collate
+from blip2.data.text import IGNORE, LLMTokenizer
 
 FAMILIES = ("opt", "llama", "t5")
 

@@ -4,7 +4,7 @@ import json
 import shutil
 
 from blip2.data.feature_cache import FeatureCache
-from blip2.demo.run import BARS, DemoConfig, run_demo
+from blip2.demo.run import FULL, QUICK, QUICK_BARS, DemoConfig, recipe, run_demo
 
 
 def tiny_demo(tmp_path, train: int = 16, **overrides) -> DemoConfig:
@@ -20,11 +20,20 @@ def tiny_demo(tmp_path, train: int = 16, **overrides) -> DemoConfig:
 def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, capsys):
     metrics = run_demo(tiny_demo(tmp_path))
     report = tmp_path / "report"
-    for name in ("metrics.json", "metrics.md", "metrics_full.json", "examples.png", "stage1_curves.png",
+    for name in ("metrics.json", "metrics.md", "metrics_full.json", "examples.png", "chat.md", "stage1_curves.png",
                  "retrieval_curves.png", "stage2_warmup_curves.png", "stage2_curves.png"):
         assert (report / name).is_file(), name
-    trained = metrics["summary"]["trained"]
-    assert set(BARS) <= set(trained) and all(trained[name] >= 0.0 for name in BARS)  # CIDEr may pass 1
+    summary = metrics["summary"]
+    trained = summary["trained"]
+    assert summary["bars"] == QUICK_BARS and set(QUICK_BARS) <= set(trained) and all(trained[name] >= 0.0 for name in QUICK_BARS)
+    for split in ("", " (compositional)"):  # every bar's number on both splits; the blind prior beside VQA and chat
+        assert {f"VQA accuracy{split}", f"chat accuracy{split}", f"CIDEr{split}", f"t2i R@1 (ITC+ITM){split}"} <= set(trained)
+        assert 0.0 <= summary["blind prior"][f"VQA accuracy{split}"] <= 1.0
+        assert 0.0 <= summary["blind prior"][f"chat accuracy{split}"] <= 1.0
+    chat = metrics["trained"]["chat_test"]
+    assert trained["chat accuracy"] == chat["metrics"]["overall"] and chat["num_conversations"] == 1  # eval_limit 2 // 3
+    assert len(metrics["chat"]) == 4 and all(turn["assistant"] is not None for turn in metrics["chat"])
+    assert "**assistant:**" in (report / "chat.md").read_text()
     grounding = metrics["trained"]["grounding"]["metrics"]
     assert trained["caption loss gap, own vs other image"] == grounding["gap"] == grounding["loss_other"] - grounding["loss_own"]
     assert trained["visual prompt spread"] == grounding["prompt_spread"] > 0
@@ -40,6 +49,11 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
     assert out.count("reusing") == 4  # stage 1, its retrieval fine-tune and both phases of stage 2
     assert (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes() == weights
 
+    shutil.rmtree(tmp_path / "runs" / "stage2" / "final")  # as if killed after its last checkpoint
+    run_demo(tiny_demo(tmp_path))  # the phase continues from its checkpoint: nothing before it is retrained
+    assert capsys.readouterr().out.count("reusing") == 3
+    assert (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes() == weights
+
     shutil.rmtree(tmp_path / "runs" / "stage2_warmup")
     run_demo(tiny_demo(tmp_path))  # the first phase is trained again, so the second (built on it) is too
     assert capsys.readouterr().out.count("reusing") == 2  # stage 1 and its retrieval fine-tune
@@ -47,3 +61,21 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
     run_demo(tiny_demo(tmp_path, train=20, retrain=True))  # more training scenes: re-cached, retrained
     assert "train_000019" in FeatureCache(tmp_path / "shapes" / "features")
     assert "reusing" not in capsys.readouterr().out
+
+
+def test_each_plan_chains_packaged_recipes_and_the_step_options_reach_them(tmp_path):
+    for phases, config in ((QUICK, DemoConfig(runs=str(tmp_path))), (FULL, DemoConfig.full_plan(runs=str(tmp_path)))):
+        names = [phase.name for phase in phases]
+        assert "retrieval" in names and len(set(names)) == len(names)
+        for index, phase in enumerate(phases):
+            assert phase.init is None or phase.init in names[:index]  # each starts from an earlier phase
+            loaded = recipe(phase, config)
+            assert loaded.train.out_dir == f"{tmp_path}/{phase.name}" and loaded.train.resume == "auto"
+            assert loaded.init == (None if phase.init is None else f"{tmp_path}/{phase.init}/final")
+            if loaded.stage == 2:  # conversations in every stage-2 phase, so the final model chats
+                assert loaded.data.chat == [f"{config.data_root}/train"] and loaded.data.one_source_per_batch
+            steps = {"stage1": "stage1_steps", "retrieval": "retrieval_steps", "stage2": "stage2_steps"}[phase.steps]
+            assert recipe(phase, DemoConfig(**{**vars(config), steps: 7})).train.steps == 7
+    full = {phase.name: recipe(phase, DemoConfig.full_plan()) for phase in FULL}
+    assert full["stage1"].data.caption_index == 2 and full["stage1"].model.vision_norm_position_gain == 4
+    assert full["stage2"].model.llm.prompt_to_qformer and full["stage2"].data.question_type_repeats

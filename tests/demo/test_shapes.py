@@ -20,6 +20,8 @@ from blip2.demo.shapes import (
     ShapeObject,
     ShapesConfig,
     captions,
+    chat_rng,
+    conversation,
     generate,
     make_scene,
     questions,
@@ -116,6 +118,8 @@ def test_held_out_combinations_never_appear_in_training_text():
         scene = make_scene("train", index, CFG)
         rng = text_rng("train", index, CFG)
         text = " ".join(captions(scene, rng)) + " " + " ".join(q for q, _ in questions(scene, rng))
+        messages, _ = conversation(scene, chat_rng("train", index, CFG))
+        text += " " + " ".join(m["content"] for m in messages)
         leaked = [phrase for phrase in phrases if re.search(rf"\b{phrase}\b", text)]
         assert not leaked, f"train image {index} mentions {leaked}"
 
@@ -176,6 +180,48 @@ def test_every_answer_is_correct_single_word_and_unambiguous():
                 assert q.answer in vocabulary and " " not in q.answer
                 assert q.answer == _oracle(scene, q.question), (scene, q)
     assert set(kinds) == {"count", "color", "shape", "position", "exists"}
+
+
+def _follow_up_oracle(scene: Scene, previous, question: str) -> str:
+    """Answer a follow-up from the scene and the question before it ("it", "them": what that question named)."""
+    objects = scene.objects
+    if match := re.fullmatch(r"is there an? (\w+) (\w+)\?", previous.question):
+        same = [o for o in objects if (o.colour, o.shape) == (match[1], match[2])]
+        if question == "where is it?":
+            (only,) = same
+            return only.position
+        if question == "how many of them are there?":
+            return NUMBER_WORDS[len(same)]
+        assert question == f"how many {PLURALS[match[2]]} are there?", (previous, question)
+    elif match := re.fullmatch(r"what shape is the (\w+) object\?", previous.question):
+        assert question == "where is it?", (previous, question)
+        (only,) = [o for o in objects if o.colour == match[1]]
+        return only.position
+    else:
+        assert previous.kind == "color" and question == f"how many {previous.answer} shapes are there?"
+    return _oracle(scene, question)
+
+
+def test_conversations_ask_answerable_questions_and_follow_ups_about_what_was_asked():
+    answers, follow_ups, kinds_differ = Counter(), 0, 0
+    for split in ("train", "compositional"):
+        for index in range(300):
+            scene = make_scene(split, index, CFG)
+            messages, turns = conversation(scene, chat_rng(split, index, CFG), CFG.held_out)
+            assert [m["role"] for m in messages] == ["user", "assistant"] * (1 + len(turns))
+            assert messages[0]["content"] in shapes.OPENERS
+            assert all(re.search(rf"\b({o.shape}|{PLURALS[o.shape]})\b", messages[1]["content"]) for o in scene.objects)
+            assert [(m["content"]) for m in messages[2:]] == [t for turn in turns for t in (turn.question, turn.answer)]
+            assert len(turns) >= 2 and not turns[0].follow_up
+            for previous, turn in zip(turns, turns[1:]):
+                expected = _follow_up_oracle(scene, previous, turn.question) if turn.follow_up else _oracle(scene, turn.question)
+                assert turn.answer == expected, (scene, previous, turn)
+            assert turns[0].answer == _oracle(scene, turns[0].question)
+            follow_ups += turns[-1].follow_up
+            kinds_differ += turns[0].kind != turns[1].kind
+            answers.update(turn.answer for turn in turns)
+    assert follow_ups > 0.9 * 600 and kinds_differ == 600
+    assert answers["no"] > 0.5 * answers["yes"] and answers["zero"] > 0  # honest "no" and "none" answers occur
 
 
 def test_answer_balance_keeps_a_blind_guess_weak():

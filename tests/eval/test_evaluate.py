@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from blip2.data.collate import Stage2Collate
 from blip2.data.datasets import open_dataset
 from blip2.data.feature_cache import (
     FeatureCache,
@@ -19,7 +20,6 @@ from blip2.data.feature_cache import (
     write_feature_cache,
 )
 from blip2.data.records import DatasetFormatError
-from blip2.data.text import Stage2Collate
 from blip2.demo.shapes import ShapesConfig, generate
 from blip2.errors import InputError
 from blip2.eval import run_vqa
@@ -182,6 +182,23 @@ def test_vqa_oracle_scores_one_and_questions_without_answers_get_predictions_onl
     data.write_text(json.dumps([{k: v for k, v in q.items() if k != "answers"} for q in questions]))
     unanswered = evaluate_vqa_task(make_model(), data, progress=False)
     assert unanswered["metrics"] == {} and len(unanswered["predictions"]) == 2
+
+
+def test_the_vqa_blind_prior_answers_each_type_with_its_most_common_training_answer(make_model, tmp_path, monkeypatch):
+    for name, rows in (("train", [("what color is it?", "red", "color"), ("what color is this?", "blue", "color"),
+                                  ("what color is that?", "red", "color"), ("how many shapes?", "two", None)]),
+                       ("test", [("what color is the cat?", "red", "color"), ("what color is the dog?", "blue", "color"),
+                                 ("how many shapes?", "two", "count"), ("how many cats?", "one", "count")])):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (40, 40)).save(tmp_path / name / "a.png")
+        (tmp_path / name / "vqa.json").write_text(json.dumps([
+            {"image": "a.png", "question": q, "answers": [a] * 10, "question_id": i,
+             **({"question_type": t} if t else {})} for i, (q, a, t) in enumerate(rows)]))
+    assert run_vqa.blind_prior(tmp_path / "train") == {"color": "red", "how many shapes?": "two"}  # no type: the opening
+    monkeypatch.setattr(run_vqa, "texts_from_features", lambda model, features, prompts, options: ["no"] * len(prompts))
+    results = evaluate_vqa_task(make_model(), tmp_path / "test", prior=tmp_path / "train", progress=False)
+    assert results["blind_prior"]["overall"] == 0.25  # "red" for both colours; no training answer for "count"
+    assert results["metrics"]["overall"] == 0.0
 
 
 def test_question_types_come_from_the_raw_file(split, tmp_path):

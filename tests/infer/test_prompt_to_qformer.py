@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blip2.data.text import Stage2Collate
+from blip2.data.collate import Stage2Collate
 from blip2.infer.generation import prompt_inputs
 from blip2.train.stages import stage2_step
 from blip2.weights.keymap import KeyMapError

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tiny import TINY_QFORMER
 
 from blip2.config import Blip2Config
-from blip2.data.text import Stage2Collate
+from blip2.data.collate import Stage2Collate
 from blip2.factory import build
 from blip2.models import losses
 from blip2.weights.bert import load_tokenizer

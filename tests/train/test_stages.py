@@ -12,9 +12,9 @@ import yaml
 from tiny import TINY_QFORMER, tiny_recipe
 
 from blip2.config import ConfigError
+from blip2.data.collate import Stage1Collate, Stage2Collate
 from blip2.data.datasets import open_dataset
 from blip2.data.feature_cache import FeatureCache, cache_features, encoder_identity
-from blip2.data.text import Stage1Collate, Stage2Collate
 from blip2.demo.run import RECIPES
 from blip2.demo.shapes import generate
 from blip2.factory import build

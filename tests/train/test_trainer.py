@@ -192,6 +192,23 @@ def test_epoch_batches_deal_one_seeded_permutation_to_the_ranks():
     assert [len(p) for p in padded] == [3, 3, 3] and {i for p in padded for [i] in p} == set(range(7))
 
 
+def test_grouped_epoch_batches_never_mix_the_datasets_of_a_mixture():
+    groups = (6, 9, 4)  # index ranges [0, 6), [6, 15), [15, 19)
+    ranges = [range(0, 6), range(6, 15), range(15, 19)]
+    for world in (1, 2):
+        ranks = [epoch_batches(19, 2, epoch=1, seed=5, rank=r, world=world, groups=groups) for r in range(world)]
+        for batches in ranks:
+            assert all(any(set(b) <= set(r) for r in ranges) for b in batches)  # one dataset per batch
+            assert len(batches) == sum((size + -size % world) // world // 2 for size in groups)
+        dealt = {i for batches in ranks for b in batches for i in b}
+        assert dealt <= set(range(19)) and len(dealt) >= 19 - 3 * world  # partial batches dropped per dataset
+    first = epoch_batches(19, 2, 0, 5, 0, 1, groups)
+    assert [sorted(b) for b in first] != sorted(sorted(b) for b in first)  # the datasets' batches are shuffled together
+    assert epoch_batches(19, 2, 0, 5, 0, 1, groups) == first and epoch_batches(19, 2, 1, 5, 0, 1, groups) != first
+    with pytest.raises(InputError, match="batch groups"):
+        epoch_batches(20, 2, 0, 5, 0, 1, groups)
+
+
 def test_batch_size_counts_examples_and_sees_batches_with_no_tensor_as_empty():
     bad = [("a.jpg", "unreadable")]
     assert batch_size_of({"bad_images": bad, "image": torch.zeros(3, 2), "text": ["x"] * 3}) == 3

@@ -14,40 +14,41 @@ from blip2.io import check_writable
 from blip2.pipeline import load
 
 
-def eval_(task: Literal["caption", "vqa", "retrieval", "grounding"], data: str, model: str = "default", out: str | None = None,
-         limit: int | None = None, k: int = 128, caption_index: int | None = None, features: str | None = None,
-         annotations: str | None = None, batch_size: int = 16,
-         normalize: Literal["official", "always"] | None = None, gen: GenerationOptions = GenerationOptions()) -> None:
-    """Evaluate a model on a dataset: caption (BLEU-4, METEOR, ROUGE-L, CIDEr), vqa (VQAv2 accuracy) or
-    retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128) or
+def eval_(task: Literal["caption", "vqa", "retrieval", "grounding", "chat"], data: str, model: str = "default",
+          out: str | None = None, limit: int | None = None, k: int = 128, caption_index: int | None = None,
+          features: str | None = None, annotations: str | None = None, batch_size: int = 16,
+          normalize: Literal["official", "always"] | None = None, prior: str | None = None,
+          gen: GenerationOptions = GenerationOptions()) -> None:
+    """Evaluate a model on a dataset: caption (BLEU-4, METEOR, ROUGE-L, CIDEr), vqa (VQAv2 accuracy),
+    retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128),
     grounding (a stage-2 model's caption loss with each image's own visual prompt vs another image's: 0 gap
-    and own_better 0.5 mean the text ignores the image).
+    and own_better 0.5 mean the text ignores the image) or chat (scripted conversations through `blip2 chat`'s
+    session, each reply scored as a VQA answer). --prior TRAIN (vqa, chat) scores the blind baseline beside the
+    model: each question type's most common answer in the training data TRAIN.
 
     DATA is any caption/VQA dataset (COCO/Flickr Karpathy JSON, VQAv2 questions + --annotations, a manifest,
-    a shapes split). --features reads cached encoder outputs instead of images. Results go to --out as JSON
-    and a Markdown table. --limit N scores only the first N images (N questions for vqa): quick, but a
-    VQA type over 200 questions can be off by 0.1 or more. --caption-index scores only that caption of each
-    image (retrieval, grounding). --normalize (vqa): "official" (default; as the official VQA script, answers
-    are normalised only where the ten human answers differ) or "always" (both sides of every question).
-    The generation options (caption, vqa; default greedy, 10 new tokens for answers) are those of `blip2 caption`.
+    a shapes split; for chat a chat.json with scripted turns or a shapes split). --features reads cached encoder
+    outputs instead of images. Results go to --out as JSON and a Markdown table. --limit N scores only the first N
+    images (N questions for vqa, N conversations for chat): quick, but a VQA type over 200 questions can be off by
+    0.1 or more. --caption-index scores only that caption of each image (retrieval, grounding). --normalize (vqa):
+    "official" (default; as the official VQA script, answers are normalised only where the ten human answers
+    differ) or "always" (both sides of every question; chat always). The generation options (caption, vqa, chat;
+    default greedy, 10 new tokens for answers and replies) are those of `blip2 caption`.
     """
     task_only = {"--caption-index": (caption_index, ("retrieval", "grounding")), "--annotations": (annotations, ("vqa",)),
-                 "--normalize": (normalize, ("vqa",))}
+                 "--normalize": (normalize, ("vqa",)), "--prior": (prior, ("vqa", "chat")),
+                 "--features": (features, ("caption", "vqa", "retrieval", "grounding"))}
     misplaced = [flag for flag, (value, tasks) in task_only.items() if value is not None and task not in tasks]
     if misplaced:
         raise InputError(f"{', '.join(misplaced)} does not apply to eval {task}; leave it out")
-    kw = {"limit": limit, "batch_size": batch_size, "features": features}
+    kw = {"limit": limit} if task == "chat" else {"limit": limit, "batch_size": batch_size, "features": features}
     if task == "retrieval":
         kw["k"] = k
-    if caption_index is not None:
-        kw["caption_index"] = caption_index
-    if annotations is not None:
-        kw["annotations"] = annotations
-    if normalize is not None:
-        kw["normalize"] = normalize
+    optional = {"caption_index": caption_index, "annotations": annotations, "normalize": normalize, "prior": prior}
+    kw.update({name: value for name, value in optional.items() if value is not None})
     chosen = {f.name: getattr(gen, f.name) for f in dataclasses.fields(gen)
               if getattr(gen, f.name) != getattr(GenerationOptions(), f.name)}
-    if chosen and task not in ("caption", "vqa"):
+    if chosen and task not in ("caption", "vqa", "chat"):
         raise InputError(f"generation options ({', '.join(chosen)}) do not apply to eval {task}; leave them out")
     kw.update(chosen)
     if out is not None:

@@ -67,18 +67,23 @@ def plot(run: str, out: str | None = None) -> None:
     print(plot_run(run, out))
 
 
-def demo(retrain: bool = False, data_root: str = "data/shapes", runs: str = "runs/demo", report: str = "reports/demo",
-         stage1_steps: int | None = None, retrieval_steps: int | None = None, stage2_steps: int | None = None,
-         eval_limit: int = 60, train_images: int | None = None, test_images: int | None = None,
-         compositional_images: int | None = None) -> None:
+def demo(full: bool = False, retrain: bool = False, data_root: str | None = None, runs: str | None = None,
+         report: str | None = None, stage1_steps: int | None = None, retrieval_steps: int | None = None,
+         stage2_steps: int | None = None, eval_limit: int | None = None, train_images: int | None = None,
+         test_images: int | None = None, compositional_images: int | None = None) -> None:
     """The main job: generate the shapes world, train stage 1 (then fine-tune it for retrieval) and stage 2 from
-    the offline parts, evaluate, and write a report (metrics, training curves, captioned test images). A trained
-    demo model is reused unless --retrain. Longer runs: more --stage1-steps/--retrieval-steps/--stage2-steps (each
-    of stage 2's two phases) and --train-images (see docs/training.md); --test-images and --compositional-images
-    size the evaluation splits (a quick try: a few of each)."""
-    config = DemoConfig(data_root=data_root, runs=runs, report=report, stage1_steps=stage1_steps,
-                        retrieval_steps=retrieval_steps, stage2_steps=stage2_steps, eval_limit=eval_limit,
-                        retrain=retrain)
+    the offline parts, evaluate retrieval, VQA, captions and chat against the untrained model and the blind prior,
+    and write a report (metrics, training curves, captioned test images, a chat transcript). About 20 minutes on a
+    2-core CPU (data/shapes, runs/demo, reports/demo). --full runs the longer plan that aims at every quality bar
+    (6,000 training scenes; data/shapes-full, runs/full, reports/full). Kill it and run it again: it continues
+    where it stopped; a trained phase is reused unless --retrain. --stage1-steps/--retrieval-steps/--stage2-steps
+    (each stage-2 phase) change the plan's lengths, --train-images its data; --test-images and
+    --compositional-images size the evaluation splits (a quick try: a few of each)."""
+    given = {name: value for name, value in (("data_root", data_root), ("runs", runs), ("report", report),
+                                             ("eval_limit", eval_limit)) if value is not None}
+    config = (DemoConfig.full_plan if full else DemoConfig)(
+        stage1_steps=stage1_steps, retrieval_steps=retrieval_steps, stage2_steps=stage2_steps, retrain=retrain,
+        **given)  # fmt: skip
     for split, count in (("train", train_images), ("test", test_images), ("compositional", compositional_images)):
         if count is not None:
             config.sizes[split] = count

@@ -18,8 +18,10 @@ from torch.utils.data import Dataset
 from blip2.data.bad_images import BadImage, Transform, load_or_bad
 from blip2.data.records import (
     CAPTION,
+    CHAT,
     VQA,
     CaptionRecord,
+    ChatRecord,
     VQARecord,
     check_task,
     detect_kind,
@@ -90,6 +92,27 @@ class CaptionDataset(Dataset):
         return order[slot % len(order)]
 
 
+class ChatDataset(Dataset):
+    """Map-style dataset of conversations about images. Items: {"image", "image_id", "messages"}."""
+
+    def __init__(self, records: list[ChatRecord], transform: Transform | None = None):
+        self.records = list(records)
+        self.transform = transform
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing varies per epoch; present so every dataset here takes ``set_epoch``."""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
+        record = self.records[index]
+        image = _record_image(record, self.transform)
+        if isinstance(image, BadImage):
+            return image
+        return {"image": image, "image_id": record.image_id, "messages": [dict(m) for m in record.messages]}
+
+
 class VQADataset(Dataset):
     """Map-style VQA dataset. Items: {"image", "question", "answers", "image_id", "question_id"}.
 
@@ -155,12 +178,16 @@ def open_dataset(
         raise InputError(f"question_type_repeats weighs question types of a VQA dataset; a {kind} {task} dataset "
                          "has no question types to weigh; leave question_type_repeats unset")
     if kind == "webdataset":
+        if task == CHAT:
+            raise InputError("conversations are read from JSON or JSONL files, not from tar shards")
         return ShardDataset(expand_shards(spec), transform, task, train=train, seed=seed, shuffle_buffer=shuffle_buffer)
     records = read_records(spec, kind, task, image_root=image_root, annotations=annotations)
     if task == CAPTION:
         if caption_index is not None:
             records = [replace(r, captions=r.captions_at(caption_index)) for r in records]
         return CaptionDataset(records, transform, train=train, seed=seed, captions_per_image=captions_per_image)
+    if task == CHAT:
+        return ChatDataset(records, transform)
     if question_type_repeats:
         records = repeat_question_types(records, question_type_repeats, str(spec))
     return VQADataset(records, transform)

@@ -25,12 +25,12 @@ from typing import Any
 from blip2.data.images import is_url
 from blip2.errors import InputError
 
-CAPTION, VQA = "caption", "vqa"
-TASKS = (CAPTION, VQA)
+CAPTION, VQA, CHAT = "caption", "vqa", "chat"
+TASKS = (CAPTION, VQA, CHAT)
 KINDS = ("jsonl", "csv", "json", "coco", "vqav2", "webdataset")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VQAV2_IMAGE_TEMPLATE = "COCO_{subtype}_{image_id:012d}.jpg"  # the COCO file naming VQAv2 refers to
-MANIFEST_IN_FOLDER = {CAPTION: "captions.jsonl", VQA: "vqa.json"}  # what a shapes-world split folder holds
+MANIFEST_IN_FOLDER = {CAPTION: "captions.jsonl", VQA: "vqa.json", CHAT: "chat.json"}  # a shapes-world split's files
 
 
 class DatasetFormatError(InputError):
@@ -51,6 +51,16 @@ class CaptionRecord:
             raise DatasetFormatError(f"image {self.image_id!r} has {len(self.captions)} captions, so "
                                      f"caption_index={index} does not exist; pick a smaller index or None (all)")
         return (self.captions[index],)
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """A conversation about an image: ``messages`` [{"role": "user" | "assistant" | "system", "content"}]; the
+    assistant's turns are what a model learns to answer."""
+
+    image: str
+    messages: tuple[dict, ...]
+    image_id: str
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,8 @@ def _records_from_objects(
 ) -> list[CaptionRecord] | list[VQARecord]:
     """Records from manifest objects, each given with its location (for error messages).
     For captions, objects that name the same image are merged into one record."""
+    if task == CHAT:
+        return [_chat_record(obj, base, where) for where, obj in objects]
     if task == VQA:
         records = []
         for number, (where, obj) in enumerate(objects):
@@ -161,6 +173,24 @@ def _records_from_objects(
         image_id, texts = grouped.setdefault(image, (str(obj.get("image_id", obj["image"])), []))
         texts.extend(_caption_list(obj, where))
     return [CaptionRecord(image, tuple(texts), image_id) for image, (image_id, texts) in grouped.items()]
+
+
+def _chat_record(obj: Any, base: Path, where: str) -> ChatRecord:
+    _require_keys(obj, ("image", "messages"), where, hint="a conversation is {\"image\", \"messages\": [...]}")
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise DatasetFormatError(f"{where}: 'messages' must be a list of {{\"role\": system|user|assistant, "
+                                 f"\"content\": text}}")
+    spoken = [m["role"] for m in messages if m["role"] != "system"]
+    if "assistant" not in spoken:
+        raise DatasetFormatError(f"{where}: the conversation has no assistant message to learn")
+    if spoken[0] != "user":
+        raise DatasetFormatError(f"{where}: the conversation must open with a user message (the image comes with it)")
+    return ChatRecord(_image_path(obj["image"], base, where), tuple(dict(m) for m in messages),
+                      str(obj.get("image_id", obj["image"])))
 
 
 def _require_keys(obj: Any, keys: tuple[str, ...], where: str, hint: str = "") -> None:

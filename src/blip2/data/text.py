@@ -1,5 +1,4 @@
-"""Text to token ids: an LLM's tokenizer with this project's special-token policy, and what each training stage
-reads (``Stage1Collate``: Q-Former ids; ``Stage2Collate``: LLM ids with labels on the target only).
+"""Text to token ids: an LLM's tokenizer with this project's special-token policy, and the Q-Former's text ids.
 
 Text from users and datasets never becomes control tokens: ``<|im_end|>`` typed in a question is tokenized as
 those characters (``split_special_tokens``), so nobody can forge a turn or end one early. Special tokens enter
@@ -8,17 +7,13 @@ only where this code puts them (BOS, EOS, a chat template's own markers).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from blip2.data.bad_images import collate_skip_bad
 from blip2.errors import InputError
-from blip2.prompts import CAPTION_PROMPT, format_questions, vqa_template
 
 IGNORE = -100  # label of a position that is not scored (cross_entropy's ignore_index)
 
@@ -139,88 +134,3 @@ def qformer_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_le
     tok = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt",
                     split_special_tokens=True)
     return tok.input_ids, tok.attention_mask
-
-
-# ---- what the training stages read ------------------------------------------------------------------------------
-
-
-class Stage1Collate:
-    """Caption items -> {"image", "input_ids", "attention_mask", "bad_images"} with the Q-Former's tokenizer."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_len: int):
-        self.tokenizer, self.max_len = tokenizer, max_len
-
-    def __call__(self, items: list) -> dict[str, Any]:
-        batch = collate_skip_bad(items)
-        if batch.get("text"):
-            batch["input_ids"], batch["attention_mask"] = qformer_ids(self.tokenizer, batch["text"], self.max_len)
-        return batch
-
-
-def prompt_and_target(item: dict[str, Any], is_encoder_decoder: bool, seed: int = 0) -> tuple[str, str]:
-    """What the LLM reads (after the visual prompt) and what it must produce, for a caption or a VQA item.
-
-    Decoder-only captions: no prompt, the caption is the target. Encoder-decoder captions: prefix language
-    modelling — the caption is split at a word boundary drawn from (seed, image, caption); the prefix goes to the
-    encoder. VQA items: the paper's prompt for the family, the first answer as the target.
-    """
-    if "question" in item:
-        return format_questions([item["question"]], vqa_template(is_encoder_decoder))[0], item["answers"][0]
-    text = item["text"]
-    if not is_encoder_decoder:
-        return CAPTION_PROMPT, text
-    words = text.split()
-    cut = random.Random(f"{seed}/{item['image_id']}/{text}").randint(0, max(len(words) - 1, 0))  # reproducible on resume
-    return " ".join(words[:cut]), " ".join(words[cut:])
-
-
-class Stage2Collate:
-    """Caption and/or VQA items -> LLM token ids with labels on the target text only (and, for a model whose
-    Q-Former reads the prompt, the prompts' Q-Former ids as "prompt_ids"/"prompt_mask")."""
-
-    def __init__(self, tokenizer: LLMTokenizer, max_len: int, seed: int = 0, decoder_start_token_id: int | None = None,
-                 qformer_tokenizer: PreTrainedTokenizerBase | None = None, qformer_max_len: int = 32):
-        """``decoder_start_token_id``: an encoder-decoder LLM's (its config's); ``qformer_tokenizer``: given for a
-        model whose Q-Former reads the prompt (``llm.prompt_to_qformer``)."""
-        if tokenizer.is_encoder_decoder and decoder_start_token_id is None:
-            raise InputError("an encoder-decoder LLM needs its decoder_start_token_id to build decoder inputs")
-        self.tokenizer, self.max_len, self.seed = tokenizer, max_len, seed
-        self.decoder_start = decoder_start_token_id
-        self.qformer_tokenizer, self.qformer_max_len = qformer_tokenizer, qformer_max_len
-
-    def __call__(self, items: list) -> dict[str, Any]:
-        batch = collate_skip_bad([self._as_pair(item) if isinstance(item, dict) else item for item in items])
-        if batch.get("prompt"):
-            prompts, targets = batch["prompt"], batch["target"]
-            encode = self._seq2seq if self.tokenizer.is_encoder_decoder else self._decoder_only
-            batch.update(encode(prompts, targets))
-            if self.qformer_tokenizer is not None:
-                batch["prompt_ids"], batch["prompt_mask"] = qformer_ids(self.qformer_tokenizer, prompts,
-                                                                        self.qformer_max_len)
-        return batch
-
-    def _as_pair(self, item: dict[str, Any]) -> dict[str, Any]:
-        prompt, target = prompt_and_target(item, self.tokenizer.is_encoder_decoder, self.seed)
-        return {"image": item["image"], "image_id": item["image_id"], "prompt": prompt, "target": target}
-
-    def _decoder_only(self, prompts, targets) -> dict[str, Tensor]:
-        """BOS + prompt (``prompt_ids``) + target + EOS; labels only on target + EOS (prompt and padding ignored)."""
-        eos = self.tokenizer.eos_token_id
-        spaced = [(" " + t) if p else t for p, t in zip(prompts, targets)]
-        rows, labels = [], []
-        for head, t in zip(self.tokenizer.prompt_ids(prompts), self.tokenizer.batch_ids(spaced)):
-            tail = (t + [eos])[: max(self.max_len - len(head), 1)]
-            rows.append(head + tail)
-            labels.append([IGNORE] * len(head) + tail)
-        input_ids, mask = pad(rows, self.tokenizer.pad_token_id)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": pad(labels, IGNORE)[0]}
-
-    def _seq2seq(self, prompts, targets) -> dict[str, Tensor]:
-        """Encoder: prompt + EOS; decoder target: target + EOS (teacher forcing from the decoder start token)."""
-        enc_ids, enc_mask = pad(self.tokenizer.prompt_ids(prompts, self.max_len), self.tokenizer.pad_token_id)
-        dec_ids, dec_mask = self.tokenizer.tokenize(list(targets), self.max_len, add_bos=False, add_eos=True)
-        labels = dec_ids.masked_fill(dec_mask == 0, IGNORE)
-        decoder_input_ids = torch.cat([torch.full_like(dec_ids[:, :1], self.decoder_start), dec_ids[:, :-1]], dim=1)
-        decoder_mask = torch.cat([torch.ones_like(dec_mask[:, :1]), dec_mask[:, :-1]], dim=1)
-        return {"input_ids": enc_ids, "attention_mask": enc_mask, "labels": labels,
-                "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_mask}

@@ -1,15 +1,19 @@
-"""`make demo`: the whole system on a 2-core CPU, offline, from nothing.
+"""`make demo` and `blip2 demo --full`: the whole system on a 2-core CPU, offline, from nothing.
 
-1. generate the shapes world (train / test / compositional splits);
+1. generate the shapes world (train / test / compositional splits, with captions, questions and conversations);
 2. cache the frozen EfficientNet-Lite0 features once;
-3. stage 1 (ITC + ITM + ITG), its retrieval fine-tune (the same losses on the captions with sizes and positions)
-   and stage 2 (soft prompt into SmolLM2-135M-Instruct: the projection alone, then with the Q-Former) from the
-   packaged recipes (``demo/recipes/``), each phase starting from the one before;
-4. evaluate retrieval, VQA and captioning on the test and compositional splits, how much stage 2's captions
-   depend on the image (``eval/run_grounding.py``), and the untrained baseline;
-5. write a report folder: metrics (JSON + Markdown), training curves, a grid of test images with their captions.
+3. train the plan's phases from the packaged recipes (``demo/recipes/``), each starting from the run it names:
+   the quick plan (``QUICK``, about 20 minutes) trains stage 1 (ITC + ITM + ITG), its retrieval fine-tune, and
+   stage 2 (soft prompt into SmolLM2-135M-Instruct: the projection alone, then with the Q-Former) on captions,
+   questions and conversations; the full plan (``FULL``) is the longer chain that aims at every quality bar;
+4. evaluate retrieval (the retrieval model), VQA, captioning and chat (the last phase's model) on the test and
+   compositional splits, how much the captions depend on the image (``eval/run_grounding.py``), the untrained
+   model and the blind prior (each question type's most common training answer);
+5. write a report folder: metrics (JSON + Markdown), training curves, a grid of test images with their captions
+   and answers, a chat transcript.
 
-A trained demo model is reused on the next run unless ``retrain``.
+Every phase resumes where it stopped (kill the demo, run it again: it continues) and a trained phase is reused
+on the next run unless ``retrain``.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from PIL import Image
 
+from blip2.config import read_yaml_mapping
 from blip2.data.feature_cache import FeatureCache, cache_features, encoder_identity
 from blip2.demo.shapes import ShapesConfig, generate, image_id
 from blip2.eval.report import write_report
 from blip2.eval.run_caption import evaluate_captioning
+from blip2.eval.run_chat import evaluate_chat, read_conversations
 from blip2.eval.run_grounding import evaluate_grounding
 from blip2.eval.run_retrieval import evaluate_retrieval
 from blip2.eval.run_vqa import evaluate_vqa_task
 from blip2.factory import build
+from blip2.infer.chat import ChatSession
 from blip2.pipeline import Blip2Pipeline, load
 from blip2.train.plot import plot_run  # also selects matplotlib's file-only backend
 from blip2.train.recipe import Recipe, run_recipe
@@ -49,12 +56,47 @@ def recipe_file(spec: str | Path) -> Path:
         return packaged
     names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
     raise FileNotFoundError(f"recipe {spec} not found: give a recipe file, or one of the packaged recipes: {names}")
+
+
 SPECIFIC_CAPTION = 2  # the shapes world's most specific paraphrase (with sizes and positions): the retrieval query
-# the training phases in order, each started from the one before (demo/recipes/shapes_<phase>.yaml): stage 1, its retrieval
-# fine-tune, then stage 2 with the projection alone and with the whole Q-Former
-PHASES = ("stage1", "retrieval", "stage2_warmup", "stage2")
-STAGE2_PHASES = PHASES[2:]
 GROUNDING_CAPTION = 1  # "a red star on a grainy gray background": colours, shapes and background, what stage 1 learns
+SPLITS = ("test", "compositional")  # what the demo evaluates on
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training run of a plan: a packaged recipe started from the final model of phase ``init``; ``steps``
+    names the demo option that sets its length ("stage1", "retrieval" or "stage2"); ``set``: recipe overrides."""
+
+    name: str
+    recipe: str
+    init: str | None
+    steps: str
+    set: tuple[str, ...] = ()
+
+
+# The 20-minute plan: stage 1, its retrieval fine-tune, and stage 2 from there in two phases (the projection alone,
+# then with the Q-Former), both on captions, questions and conversations.
+QUICK = (
+    Phase("stage1", "shapes_stage1", None, "stage1"),
+    Phase("retrieval", "shapes_retrieval", "stage1", "retrieval"),
+    Phase("stage2_warmup", "shapes_stage2_warmup", "retrieval", "stage2"),
+    Phase("stage2", "shapes_stage2", "stage2_warmup", "stage2"),
+)
+# The full plan (docs/training.md, "The full recipe"): one stage 1 on the captions that name sizes and positions,
+# with the position code lifted, feeding two chains: a retrieval fine-tune at a larger batch, and stage 2 with the
+# Q-Former reading the question from the start, question types weighed.
+REPEATS = "data.question_type_repeats={position: 3, color: 2}"
+FULL = (
+    Phase("stage1", "shapes_stage1", None, "stage1",
+          ("data.caption_index=2", "model.vision_norm_position_gain=4", "train.steps=1000")),
+    Phase("retrieval", "shapes_retrieval", "stage1", "retrieval",
+          ("train.steps=400", "train.batch_size=64", "train.lr=1e-4", "train.warmup_steps=10")),
+    Phase("stage2_warmup", "shapes_stage2_warmup", "stage1", "stage2",
+          ("model.llm.prompt_to_qformer=true", "data.captions_per_image=1", REPEATS, "train.steps=600")),
+    Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2", (REPEATS, "train.steps=2500")),
+)
+RETRIEVAL_PHASE = "retrieval"  # its model is evaluated for retrieval; the last phase's for everything else
 
 
 @dataclass
@@ -63,13 +105,29 @@ class DemoConfig:
     runs: str = "runs/demo"
     report: str = "reports/demo"
     sizes: dict[str, int] = field(default_factory=lambda: {"train": 1000, "val": 50, "test": 1000, "compositional": 200})
-    stage1_steps: int | None = None  # None: the recipe's
+    stage1_steps: int | None = None  # None: the plan's
     retrieval_steps: int | None = None
-    stage2_steps: int | None = None  # each of stage 2's two phases
+    stage2_steps: int | None = None  # each of stage 2's phases
     eval_limit: int = 60  # questions / captions generated per split (generation is the slow part on CPU)
     retrieval_k: int = 4  # ITM re-rank depth (the paper's 128 costs 128 Q-Former passes per query)
     baseline_limit: int = 30
     retrain: bool = False
+    full: bool = False
+
+    @classmethod
+    def full_plan(cls, **given) -> "DemoConfig":
+        """The full plan's defaults: its own data (6,000 training scenes), runs and report; 200 items per split."""
+        sizes = {"train": 6000, "val": 200, "test": 1000, "compositional": 300}
+        return cls(**{"data_root": "data/shapes-full", "runs": "runs/full", "report": "reports/full", "sizes": sizes,
+                      "eval_limit": 200, "baseline_limit": 60, "full": True, **given})
+
+    @property
+    def phases(self) -> tuple[Phase, ...]:
+        return FULL if self.full else QUICK
+
+    @property
+    def bars(self) -> dict[str, float]:
+        return FULL_BARS if self.full else QUICK_BARS
 
 
 class Clock:
@@ -86,17 +144,20 @@ class Clock:
         self.last = now
 
 
-def recipe(name: str, cfg: DemoConfig, steps: int | None) -> Recipe:
-    overrides = [f"data.captions=[{cfg.data_root}/train]", f"data.feature_cache={cfg.data_root}/features",
-                 f"train.out_dir={cfg.runs}/{name}", "train.resume=auto"]  # an interrupted demo continues
-    position = PHASES.index(name)
-    if position > 0:
-        overrides.append(f"init={cfg.runs}/{PHASES[position - 1]}/final")
-    if name in STAGE2_PHASES:
-        overrides.append(f"data.vqa=[{cfg.data_root}/train]")
+def recipe(phase: Phase, cfg: DemoConfig) -> Recipe:
+    """The phase's packaged recipe on the demo's data, runs and step options; an interrupted run continues."""
+    path = RECIPES / f"{phase.recipe}.yaml"
+    data = read_yaml_mapping(path, "recipe").get("data", {})
+    train = f"{cfg.data_root}/train"
+    overrides = [*phase.set, *(f"data.{key}=[{train}]" for key in ("captions", "vqa", "chat") if data.get(key)),
+                 f"data.feature_cache={cfg.data_root}/features", f"train.out_dir={cfg.runs}/{phase.name}",
+                 "train.resume=auto"]
+    if phase.init is not None:
+        overrides.append(f"init={cfg.runs}/{phase.init}/final")
+    steps = {"stage1": cfg.stage1_steps, "retrieval": cfg.retrieval_steps, "stage2": cfg.stage2_steps}[phase.steps]
     if steps:
         overrides.append(f"train.steps={steps}")
-    return Recipe.load(RECIPES / f"shapes_{name}.yaml", overrides)
+    return Recipe.load(path, overrides)
 
 
 def cache_covers(features_dir: Path, sizes: dict[str, int], identity: dict) -> bool:
@@ -106,31 +167,36 @@ def cache_covers(features_dir: Path, sizes: dict[str, int], identity: dict) -> b
         return False
     cache = FeatureCache(features_dir)
     return cache.meta["encoder"] == identity and all(
-        image_id(split, index) in cache for split in ("train", "test", "compositional") for index in range(sizes[split])
+        image_id(split, index) in cache for split in ("train", *SPLITS) for index in range(sizes[split])
     )
 
 
-def train_stage(name: str, cfg: DemoConfig, steps: int | None, retrain: bool) -> tuple[Path, bool]:
-    """(the stage's final model, whether it was trained now). ``retrain``: asked for, or an earlier stage it
-    starts from was just trained, so a kept run would build on an older model."""
-    run = Path(cfg.runs) / name
+def train_phase(phase: Phase, cfg: DemoConfig, retrain: bool) -> tuple[Path, bool]:
+    """(the phase's final model, whether it was trained now). ``retrain``: asked for, or the phase it starts from
+    was just trained, so a kept run would build on an older model."""
+    run = Path(cfg.runs) / phase.name
     if (run / "final").is_dir() and not retrain:
         print(f"[demo] reusing {run / 'final'} (pass --retrain to train again)")
         return run / "final", False
     if retrain and run.is_dir():
         shutil.rmtree(run)  # a new run replaces the old one
-    return run_recipe(recipe(name, cfg, steps)), True
+    return run_recipe(recipe(phase, cfg)), True
 
 
-def evaluate_model(stage1, stage2, cfg: DemoConfig, features, limit: int) -> dict:
-    """Retrieval (stage-1 heads) on the test split; VQA and captions (stage 2) on test and compositional."""
+def evaluate_model(retrieval, generative, cfg: DemoConfig, features, limit: int, priors: bool = False) -> dict:
+    """Retrieval (the retrieval model's stage-1 heads); VQA, captions and chat (the generative model), and how much
+    its captions depend on the image, on the test and compositional splits. ``priors``: score the blind prior too."""
     root = Path(cfg.data_root)
-    results = {"retrieval": evaluate_retrieval(stage1, root / "test", k=cfg.retrieval_k, caption_index=SPECIFIC_CAPTION,
-                                               features=features)}
-    for split in ("test", "compositional"):
-        results[f"vqa_{split}"] = evaluate_vqa_task(stage2, root / split, limit=limit, features=features)
-        results[f"caption_{split}"] = evaluate_captioning(stage2, root / split, limit=limit, features=features)
-    results["grounding"] = evaluate_grounding(stage2, root / "test", limit=limit, caption_index=GROUNDING_CAPTION,
+    prior = root / "train" if priors else None
+    results = {}
+    for split in SPLITS:
+        results[f"retrieval_{split}"] = evaluate_retrieval(retrieval, root / split, k=cfg.retrieval_k,
+                                                           caption_index=SPECIFIC_CAPTION, features=features)
+        results[f"vqa_{split}"] = evaluate_vqa_task(generative, root / split, limit=limit, features=features,
+                                                    prior=prior)
+        results[f"caption_{split}"] = evaluate_captioning(generative, root / split, limit=limit, features=features)
+        results[f"chat_{split}"] = evaluate_chat(generative, root / split, limit=max(limit // 3, 1), prior=prior)
+    results["grounding"] = evaluate_grounding(generative, root / "test", limit=limit, caption_index=GROUNDING_CAPTION,
                                               features=features)
     return results
 
@@ -156,6 +222,23 @@ def showcase(model, split_dir: Path, out_png: Path, count: int = 8) -> list[dict
     return shown
 
 
+def chat_transcript(model, split_dir: Path, out_md: Path) -> list[dict]:
+    """One scripted conversation about a held-out image, as `blip2 chat` holds it: printed and written as Markdown."""
+    (row,) = read_conversations(split_dir, 1)
+    session = ChatSession(model, row["image"])
+    opener = "describe the picture."
+    said = [{"user": opener, "assistant": session.ask(opener, max_new_tokens=30), "expected": None}]
+    said += [{"user": t["question"], "assistant": session.ask(t["question"], max_new_tokens=10),
+              "expected": t["answer"]} for t in row["turns"]]
+    lines = [f"Chat about `{Path(row['image']).name}` ({split_dir.name} split):", ""]
+    for turn in said:
+        expected = f" *(expected: {turn['expected']})*" if turn["expected"] else ""
+        lines += [f"> **user:** {turn['user']}", ">", f"> **assistant:** {turn['assistant']}{expected}", ">"]
+    out_md.write_text("\n".join(lines[:-1]) + "\n")
+    print("\n".join(f"  {line}" for line in lines))
+    return said
+
+
 def draw_grid(shown: list[dict], out_png: Path, columns: int = 4) -> None:
     rows = (len(shown) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.6 * rows), squeeze=False)
@@ -170,34 +253,44 @@ def draw_grid(shown: list[dict], out_png: Path, columns: int = 4) -> None:
     plt.close(fig)
 
 
-BARS = {  # the issue's quality bars on the shapes test split
-    "t2i R@1 (ITC)": 0.60, "t2i R@1 (ITC+ITM)": 0.60, "VQA accuracy": 0.70, "CIDEr": 1.5,
-}
+# the issue's quality bars on the shapes test split: the 20-minute demo's, and the full plan's
+QUICK_BARS = {"t2i R@1 (ITC+ITM)": 0.30, "VQA accuracy": 0.55, "CIDEr": 1.2, "chat accuracy": 0.50}
+FULL_BARS = {"t2i R@1 (ITC+ITM)": 0.60, "VQA accuracy": 0.70, "CIDEr": 1.5, "chat accuracy": 0.70}
 
 
 def headline(results: dict) -> dict[str, float]:
-    """The numbers the bars are about, and whether stage 2 reads the image, from ``evaluate_model``'s results."""
-    return {
-        "t2i R@1 (ITC)": results["retrieval"]["itc"]["t2i_r1"],
-        "t2i R@1 (ITC+ITM)": results["retrieval"]["itc_itm"]["t2i_r1"],
-        "t2i R@1 ceiling": results["retrieval"]["ceiling"]["t2i_r1"],
-        "VQA accuracy": results["vqa_test"]["metrics"].get("overall", 0.0),
-        "VQA accuracy (compositional)": results["vqa_compositional"]["metrics"].get("overall", 0.0),
-        "CIDEr": results["caption_test"]["metrics"].get("CIDEr", 0.0),
-        "CIDEr (compositional)": results["caption_compositional"]["metrics"].get("CIDEr", 0.0),
-        "BLEU-4": results["caption_test"]["metrics"].get("Bleu_4", 0.0),
-        "caption loss gap, own vs other image": results["grounding"]["metrics"]["gap"],
-        "visual prompt spread": results["grounding"]["metrics"]["prompt_spread"],
-    }
+    """The numbers the bars are about (test, then compositional), and whether stage 2 reads the image."""
+    numbers = {}
+    for split in SPLITS:
+        tag = "" if split == "test" else " (compositional)"
+        retrieval = results[f"retrieval_{split}"]
+        numbers.update({
+            f"t2i R@1 (ITC){tag}": retrieval["itc"]["t2i_r1"],
+            f"t2i R@1 (ITC+ITM){tag}": retrieval["itc_itm"]["t2i_r1"],
+            f"t2i R@1 ceiling{tag}": retrieval["ceiling"]["t2i_r1"],
+            f"VQA accuracy{tag}": results[f"vqa_{split}"]["metrics"].get("overall", 0.0),
+            f"CIDEr{tag}": results[f"caption_{split}"]["metrics"].get("CIDEr", 0.0),
+            f"chat accuracy{tag}": results[f"chat_{split}"]["metrics"]["overall"],
+        })  # fmt: skip
+    numbers["BLEU-4"] = results["caption_test"]["metrics"].get("Bleu_4", 0.0)
+    numbers["caption loss gap, own vs other image"] = results["grounding"]["metrics"]["gap"]
+    numbers["visual prompt spread"] = results["grounding"]["metrics"]["prompt_spread"]
+    return numbers
 
 
-def print_table(trained: dict[str, float], untrained: dict[str, float]) -> None:
-    print(f"[demo] {'metric':32s} {'trained':>8s} {'untrained':>9s} {'bar':>6s}")
-    for name, value in trained.items():
-        bar = BARS.get(name)
+def blind_headline(results: dict) -> dict[str, float]:
+    """The blind prior's VQA and chat accuracy (no model: each question type's most common training answer)."""
+    return {f"{task} accuracy{'' if split == 'test' else ' (compositional)'}": results[f"{key}_{split}"]["blind_prior"]["overall"]
+            for split in SPLITS for task, key in (("VQA", "vqa"), ("chat", "chat"))}
+
+
+def print_table(summary: dict[str, dict[str, float]], bars: dict[str, float]) -> None:
+    print(f"[demo] {'metric':36s} {'trained':>8s} {'untrained':>9s} {'blind':>6s} {'bar':>5s}")
+    for name, value in summary["trained"].items():
+        bar, blind = bars.get(name), summary["blind prior"].get(name)
         mark = "" if bar is None else ("  meets the bar" if value >= bar else "  below the bar")
-        print(f"[demo] {name:32s} {value:8.3f} {untrained.get(name, float('nan')):9.3f} "
-              f"{'' if bar is None else f'{bar:6.2f}'}{mark}")
+        print(f"[demo] {name:36s} {value:8.3f} {summary['untrained'].get(name, float('nan')):9.3f} "
+              f"{'' if blind is None else f'{blind:6.3f}':>6s} {'' if bar is None else f'{bar:5.2f}':>5s}{mark}")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -208,40 +301,47 @@ def run_demo(cfg: DemoConfig) -> dict:
     generate(root, cfg.sizes, ShapesConfig())
     clock.done("shapes world")
 
-    stage1_recipe = recipe("stage1", cfg, cfg.stage1_steps)
+    first = recipe(cfg.phases[0], cfg)
     features_dir = root / "features"
-    encoder_only = build(stage1_recipe.model, init_qformer=False)
+    encoder_only = build(first.model, init_qformer=False)
     identity = encoder_identity(encoder_only.model.cfg.vision, encoder_only.preprocess, encoder_only.model.vision)
     if not cache_covers(features_dir, cfg.sizes, identity):
         cache_features(encoder_only.model.image_features, identity, encoder_only.preprocess,
-                       [str(root / s) for s in ("train", "test", "compositional")], features_dir)
+                       [str(root / s) for s in ("train", *SPLITS)], features_dir)
     clock.done("frozen-feature cache")
 
-    steps = {"stage1": cfg.stage1_steps, "retrieval": cfg.retrieval_steps}
-    finals, trained = {}, False
-    for phase in PHASES:
-        finals[phase], trained = train_stage(phase, cfg, steps.get(phase, cfg.stage2_steps), cfg.retrain or trained)
-        clock.done(phase)
-    stage1_dir, stage2_dir = finals["retrieval"], finals["stage2"]
+    finals, trained_now = {}, set()
+    for phase in cfg.phases:
+        finals[phase.name], trained = train_phase(phase, cfg, cfg.retrain or phase.init in trained_now)
+        if trained:
+            trained_now.add(phase.name)
+        clock.done(phase.name)
+    generative_dir = finals[cfg.phases[-1].name]
 
     features = FeatureCache(features_dir)
-    trained = evaluate_model(load(stage1_dir), load(stage2_dir), cfg, features, cfg.eval_limit)
+    trained = evaluate_model(load(finals[RETRIEVAL_PHASE]), load(generative_dir), cfg, features, cfg.eval_limit,
+                             priors=True)
     clock.done("evaluation")
-    untrained = Blip2Pipeline.from_parts(build(recipe("stage2", cfg, None).model))  # MiniLM Q-Former, random projection
+    last = recipe(cfg.phases[-1], cfg).model
+    untrained = Blip2Pipeline.from_parts(build(last))  # MiniLM Q-Former, random projection
     baseline = evaluate_model(untrained, untrained, cfg, features, cfg.baseline_limit)
     clock.done("untrained baseline")
 
     print("[demo] held-out (compositional) images:")
-    examples = showcase(load(stage2_dir), root / "compositional", report / "examples.png")
+    generative = load(generative_dir)
+    examples = showcase(generative, root / "compositional", report / "examples.png")
+    transcript = chat_transcript(generative, root / "compositional", report / "chat.md")
     clock.done("examples")
 
-    summary = {"trained": headline(trained), "untrained": headline(baseline)}
-    print_table(summary["trained"], summary["untrained"])
-    metrics = {"summary": summary, "trained": trained, "untrained": baseline, "examples": examples, "seconds": clock.phases,
-               "total_minutes": round((time.perf_counter() - clock.start) / 60, 2)}
-    write_report({"summary": summary, "seconds": clock.phases, "total_minutes": metrics["total_minutes"]}, report, "metrics")
-    for stage in PHASES:
-        if (Path(cfg.runs) / stage / "metrics.jsonl").is_file():
-            plot_run(Path(cfg.runs) / stage, report / f"{stage}_curves.png")
+    summary = {"trained": headline(trained), "untrained": headline(baseline), "blind prior": blind_headline(trained),
+               "bars": cfg.bars}
+    print_table(summary, cfg.bars)
+    total = round((time.perf_counter() - clock.start) / 60, 2)
+    metrics = {"summary": summary, "trained": trained, "untrained": baseline, "examples": examples,
+               "chat": transcript, "seconds": clock.phases, "total_minutes": total}
+    write_report({"summary": summary, "seconds": clock.phases, "total_minutes": total}, report, "metrics")
+    for phase in cfg.phases:
+        if (Path(cfg.runs) / phase.name / "metrics.jsonl").is_file():
+            plot_run(Path(cfg.runs) / phase.name, report / f"{phase.name}_curves.png")
     (report / "metrics_full.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics

@@ -72,7 +72,7 @@ HELD_OUT = (
 
 DEFAULT_SIZES = {"train": 10_000, "val": 500, "test": 1_000, "compositional": 1_000}
 VQA_ANSWER_COPIES = 10  # VQAv2 has 10 human answers per question; the standard accuracy formula expects 10
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chat.json
 META_FILE = "shapes.json"
 
 # geometry, as fractions of a grid cell
@@ -431,6 +431,81 @@ def _existence_question(scene: Scene, rng: random.Random, held: set[tuple[str, s
     )
 
 
+# ------------------------------------------------------------------------------------------- chat
+
+OPENERS = ("describe the picture.", "what do you see?", "what is in this image?", "tell me about this picture.")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question of a conversation with its expected single-word answer; ``follow_up``: it refers to the turn
+    before ("where is it?")."""
+
+    kind: str
+    question: str
+    answer: str
+    follow_up: bool = False
+
+
+def chat_rng(split: str, index: int, cfg: ShapesConfig) -> random.Random:
+    """The random stream of one image's conversation (apart from the captions' and questions' stream)."""
+    return random.Random(_seeded(cfg.seed, split, index, "chat"))
+
+
+def chat_turns(scene: Scene, rng: random.Random, held_out: tuple[tuple[str, str], ...] = HELD_OUT) -> list[Turn]:
+    """Three questions about ``scene``, each answered by one word: one question, then another of a different type
+    followed up by a question about what it asked ("where is it?", "how many red shapes are there?"). An existence
+    question whose honest answer is "no" is as likely as one answered "yes", and counts of absent shapes ("zero")
+    occur. (Three plain questions in the rare scene that allows no follow-up.)"""
+    asked = typed_questions(scene, rng, held_out)
+    rng.shuffle(asked)
+    texts = {q.question for q in asked}
+    for second in asked:
+        follow = _follow_up(scene, second, rng)
+        if follow is not None and follow.question not in texts:
+            first = next(q for q in asked if q is not second)
+            return [Turn(first.kind, first.question, first.answer), Turn(second.kind, second.question, second.answer),
+                    follow]
+    return [Turn(q.kind, q.question, q.answer) for q in asked[:3]]
+
+
+def _follow_up(scene: Scene, question: Question, rng: random.Random) -> Turn | None:
+    """A question that refers back to ``question`` ("it", "them"), answered from the scene; None when none fits."""
+    words = question.question.rstrip("?").split()
+    if question.kind == "exists" and question.answer == "yes":  # "is there a red star?" -> where is it?
+        colour, shape = words[-2], words[-1]
+        same = [o for o in scene.objects if o.combo == (colour, shape)]
+        if len(same) == 1 and same[0].position in CELL_PHRASES:
+            return Turn("position", "where is it?", same[0].position, follow_up=True)
+        return Turn("count", "how many of them are there?", NUMBER_WORDS[len(same)], follow_up=True)
+    if question.kind == "exists":  # "is there a blue cross?" no -> how many crosses are there?
+        shape = words[-1]
+        count = sum(o.shape == shape for o in scene.objects)
+        return Turn("count", f"how many {PLURALS[shape]} are there?", NUMBER_WORDS[count], follow_up=True)
+    if question.kind == "color":  # "what color is the star?" red -> how many red shapes are there?
+        count = sum(o.colour == question.answer for o in scene.objects)
+        return Turn("count", f"how many {question.answer} shapes are there?", NUMBER_WORDS[count], follow_up=True)
+    if question.kind == "shape":  # "what shape is the red object?" star -> where is it?
+        colour = words[-2]
+        obj = next(o for o in scene.objects if o.colour == colour)
+        if obj.position in CELL_PHRASES and sum(o.combo == obj.combo for o in scene.objects) == 1:
+            return Turn("position", "where is it?", obj.position, follow_up=True)
+    return None
+
+
+def conversation(
+    scene: Scene, rng: random.Random, held_out: tuple[tuple[str, str], ...] = HELD_OUT
+) -> tuple[list[dict], list[Turn]]:
+    """A chat about ``scene`` as messages: asked to describe it, the assistant gives a caption; then the three
+    ``chat_turns``, answered in one word each. Returns (messages, turns)."""
+    description = rng.choice(captions(scene, rng)[:3])
+    messages = [{"role": "user", "content": rng.choice(OPENERS)}, {"role": "assistant", "content": description}]
+    turns = chat_turns(scene, rng, held_out)
+    for turn in turns:
+        messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
+    return messages, turns
+
+
 # ---------------------------------------------------------------------------------------- writing
 
 
@@ -445,12 +520,15 @@ def write_split(root: Path, split: str, n: int, cfg: ShapesConfig, progress: boo
     - ``captions.jsonl``: one {"image", "captions", "image_id"} per line (the project's manifest)
     - ``vqa.json``: a list of {"image", "question", "answers", "question_id", "image_id", "question_type", "held_out"}
     - ``coco_captions.json``: COCO caption layout {"images", "annotations", ...} for caption metrics
+    - ``chat.json``: a list of {"image", "image_id", "messages"} (``conversation``: a description, then three
+      questions answered in one word) and {"turns": [{"question", "answer", "kind", "follow_up"}]}, the three
+      questions alone (what ``blip2 eval chat`` asks)
     - ``shapes.json``: size and config, written last: its presence marks the split complete
     """
     out = Path(root) / split
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)
-    caption_rows, vqa_rows, coco_images, coco_annotations = [], [], [], []
+    caption_rows, vqa_rows, chat_rows, coco_images, coco_annotations = [], [], [], [], []
     for index in tqdm(range(n), desc=f"shapes/{split}", unit="img", disable=not progress):
         scene = make_scene(split, index, cfg)
         relative = f"images/{index:06d}.png"
@@ -473,8 +551,12 @@ def write_split(root: Path, split: str, n: int, cfg: ShapesConfig, progress: boo
                 "question_type": qa.kind,
                 "held_out": qa.held_out,
             })  # fmt: skip
+        messages, turns = conversation(scene, chat_rng(split, index, cfg), cfg.held_out)
+        chat_rows.append({"image": relative, "image_id": ident, "messages": messages,
+                          "turns": [dataclasses.asdict(turn) for turn in turns]})
     write_text_atomically(out / "captions.jsonl", "".join(json.dumps(row) + "\n" for row in caption_rows))
     write_text_atomically(out / "vqa.json", json.dumps(vqa_rows))
+    write_text_atomically(out / "chat.json", json.dumps(chat_rows))
     coco = {
         "info": {"description": f"blip2 shapes world, split {split}", "version": str(FORMAT_VERSION)},
         "licenses": [],

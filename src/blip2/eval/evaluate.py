@@ -1,11 +1,11 @@
-"""``blip2 eval TASK``: run a model over a caption, VQA, retrieval or grounding dataset, score what it produced and
+"""``blip2 eval TASK``: run a model over a caption, VQA, retrieval, grounding or chat dataset, score what it produced and
 write the report.
 
 Data is any file or folder that ``open_dataset`` reads (COCO / Karpathy JSON, VQAv2 questions + annotations, JSONL
 manifests, a shapes-world split folder). Images are read and encoded in batches, each distinct image once; a
 ``FeatureCache`` of the model's frozen encoder (``features=``) replaces the encoder altogether. Unreadable images are
-skipped and counted (``skipped_images``). The runners are ``run_caption``, ``run_vqa``, ``run_retrieval`` and
-``run_grounding``; their metrics ``caption_metrics``, ``vqa_metrics`` and ``retrieval_metrics``; see
+skipped and counted (``skipped_images``). The runners are ``run_caption``, ``run_vqa``, ``run_retrieval``,
+``run_grounding`` and ``run_chat``; their metrics ``caption_metrics``, ``vqa_metrics`` and ``retrieval_metrics``; see
 docs/evaluation.md ("Evaluating a model").
 """
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from blip2.errors import InputError
 from blip2.eval.report import write_report
 from blip2.eval.run_caption import evaluate_captioning
+from blip2.eval.run_chat import evaluate_chat
 from blip2.eval.run_grounding import evaluate_grounding
 from blip2.eval.run_retrieval import evaluate_retrieval
 from blip2.eval.run_vqa import evaluate_vqa_task
@@ -32,11 +33,12 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "vqa": evaluate_vqa_task,
     "retrieval": evaluate_retrieval,
     "grounding": evaluate_grounding,
+    "chat": evaluate_chat,
 }
 
 
 def evaluate(task: str, pipe: "Blip2Pipeline", data: str | Path, out_dir: str | Path | None = None, **kw) -> dict[str, Any]:
-    """Run ``task`` ("caption", "vqa", "retrieval" or "grounding") on ``data``; ``kw`` go to that task's function.
+    """Run ``task`` ("caption", "vqa", "retrieval", "grounding" or "chat") on ``data``; ``kw`` go to that task's function.
 
     With ``out_dir``: ``TASK.json`` and ``TASK.md`` (the report, via ``write_report``) and
     ``TASK_predictions.json`` (the model's outputs) are written there. Returns the results, predictions included.

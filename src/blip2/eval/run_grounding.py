@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from blip2.data.bad_images import BadImageCounter
+from blip2.data.collate import Stage2Collate
 from blip2.data.records import CAPTION, DatasetFormatError
-from blip2.data.text import Stage2Collate
 from blip2.errors import InputError
 from blip2.eval.runs import (
     FeaturesArg,

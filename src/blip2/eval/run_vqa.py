@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blip2.data.bad_images import BadImageCounter
+from blip2.data.datasets import open_dataset
 from blip2.data.records import MANIFEST_IN_FOLDER, VQA, DatasetFormatError, detect_kind
 from blip2.eval.runs import (
     FeaturesArg,
@@ -18,7 +19,12 @@ from blip2.eval.runs import (
     resolve_features,
     texts_from_features,
 )
-from blip2.eval.vqa_metrics import Normalize, check_normalize, evaluate_vqa
+from blip2.eval.vqa_metrics import (
+    Normalize,
+    check_normalize,
+    evaluate_vqa,
+    majority_answers,
+)
 from blip2.infer.decoding import GenerationOptions
 from blip2.prompts import format_questions, vqa_template
 
@@ -52,6 +58,18 @@ def question_types(data: str | Path, annotations: str | Path | None = None) -> d
     }
 
 
+def blind_prior(train: str | Path, annotations: str | Path | None = None) -> dict[str, str]:
+    """Question type -> the first answer it most often has in ``train`` (ties: the first seen); without types,
+    the question's first three words stand for its type, as VQAv2's types are openings ("what color is")."""
+    records = open_dataset(train, task=VQA, annotations=annotations).records
+    types = question_types(train, annotations)
+    return majority_answers((_type_of(r.question_id, r.question, types), r.answers[0]) for r in records if r.answers)
+
+
+def _type_of(question_id: str, question: str, types: dict[str, dict[str, str]]) -> str:
+    return types.get(question_id, {}).get("question_type") or " ".join(question.lower().split()[:3])
+
+
 def evaluate_vqa_task(
     pipe: "Blip2Pipeline",
     data: str | Path,
@@ -63,6 +81,7 @@ def evaluate_vqa_task(
     annotations: str | Path | None = None,
     image_root: str | Path | None = None,
     normalize: Normalize = "official",
+    prior: str | Path | None = None,
     progress: bool = True,
     **gen,
 ) -> dict[str, Any]:
@@ -74,9 +93,12 @@ def evaluate_vqa_task(
     "official" (as GT-Vision-Lab's script: only questions whose human answers differ) or "always" (see
     ``blip2.eval.vqa_metrics``). Returns ``metrics`` (``overall``,
     per question / answer type when the data has types), counts and ``predictions`` (the VQAv2 results format
-    ``[{"question_id", "answer"}]``). Data without answers (test-dev) gets predictions only.
+    ``[{"question_id", "answer"}]``). Data without answers (test-dev) gets predictions only. ``prior``: a training
+    set; its ``blind_prior`` (each question type's most common answer) is scored beside the model as
+    ``blind_prior``.
     """
     check_normalize(normalize)  # before any answer is generated
+    guesses = blind_prior(prior) if prior is not None else None
     options = GenerationOptions.from_kwargs({**VQA_GENERATION, **gen})
     model = pipe.model
     template = prompt_template or vqa_template(model.require_llm().is_encoder_decoder)
@@ -97,7 +119,7 @@ def evaluate_vqa_task(
                                  f"(e.g. {missing[:3]}): give answers for all questions, or for none")
     types = question_types(data, annotations) if with_answers else {}
     references = {qid: {"answers": list(records[qid].answers), **types.get(qid, {})} for qid in with_answers}
-    return {
+    results = {
         "task": "vqa",
         "data": str(data),
         "prompt_template": template,
@@ -107,3 +129,7 @@ def evaluate_vqa_task(
         "metrics": evaluate_vqa({qid: answers[qid] for qid in references}, references, normalize) if references else {},
         "predictions": [{"question_id": official_id(qid), "answer": text} for qid, text in answers.items()],
     }
+    if guesses is not None and references:
+        blind = {qid: guesses.get(_type_of(qid, records[qid].question, types), "") for qid in references}
+        results["blind_prior"] = evaluate_vqa(blind, references, normalize)
+    return results

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections import defaultdict
-from collections.abc import Hashable, Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from blip2.errors import InputError
@@ -201,3 +201,12 @@ def evaluate_vqa(
         if breakdown is not None:
             results[key] = breakdown
     return results
+
+
+def majority_answers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """(group, answer) pairs -> each group's most common answer (ties: the first seen): the blind prior, what a
+    model that answers each kind of question alike, never looking at the image, says."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for group, answer in pairs:
+        counts[group][answer] += 1
+    return {group: answers.most_common(1)[0][0] for group, answers in counts.items()}

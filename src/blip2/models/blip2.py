@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blip2.config import Blip2Config, ConfigError
+from blip2.data.conversation import IMAGE_ID
 from blip2.errors import InputError
 from blip2.models.language import FrozenLLM
 from blip2.models.qformer import QFormer
@@ -167,13 +168,23 @@ class Blip2Model(nn.Module):
         attention_mask: Tensor | None = None,
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> Tensor:
-        """``forward`` from an already computed visual prompt [B, Q, H_llm] (``soft_prompt``)."""
+        """``forward`` from an already computed visual prompt [B, V, H_llm] (``soft_prompt``).
+
+        Decoder-only ``input_ids`` [B, T] that hold ``IMAGE_ID`` placeholders (V per row: a conversation rendered
+        with the image inside it, ``blip2.data.conversation``) take the visual rows there; without placeholders the
+        visual prompt goes first. ``positions`` [K]: only these text positions' logits ([B, K, V_vocab]; default all T).
+        """
         llm = self.require_llm()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = torch.cat([prompt, llm.embed(input_ids)], dim=1)  # [B, Q + T, H_llm]
-        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=attention_mask.dtype, device=prompt.device), attention_mask], 1)
+        if not llm.is_encoder_decoder and (input_ids == IMAGE_ID).any():
+            embeds, mask, offset = self.place_visual(prompt, input_ids), attention_mask, 0  # [B, T, H_llm], [B, T]
+        else:
+            embeds = torch.cat([prompt, llm.embed(input_ids)], dim=1)  # [B, V + T, H_llm]
+            ones = torch.ones(prompt.shape[:2], dtype=attention_mask.dtype, device=prompt.device)
+            mask, offset = torch.cat([ones, attention_mask], 1), prompt.shape[1]
         if llm.is_encoder_decoder:
             if decoder_input_ids is None:
                 raise InputError("an encoder-decoder LLM needs decoder_input_ids")
@@ -182,5 +193,18 @@ class Blip2Model(nn.Module):
                 decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
             )
             return out.logits
-        # the LM head runs on the text positions only (the last T): the query positions' logits are never used
-        return llm.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1]).logits
+        # the LM head runs only where a logit is used: the text positions (or those asked for), never the queries'
+        keep = input_ids.shape[1] if positions is None else positions + offset  # the last T, or those asked for
+        return llm.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
+
+    def place_visual(self, prompt: Tensor, input_ids: Tensor) -> Tensor:
+        """Token ids [B, T] with V ``IMAGE_ID`` placeholders per row -> input embeddings [B, T, H_llm], the visual
+        prompt [B, V, H_llm] in the placeholders' positions (in order)."""
+        llm = self.require_llm()
+        placeholders = input_ids == IMAGE_ID  # [B, T]
+        counts = placeholders.sum(dim=1)
+        if (counts != prompt.shape[1]).any():
+            raise InputError(f"each row needs {prompt.shape[1]} image placeholders (the visual prompt's length), "
+                             f"got {counts.tolist()}")
+        embeds = llm.embed(input_ids.clamp(min=0))  # [B, T, H_llm]
+        return embeds.masked_scatter(placeholders[..., None], prompt.to(embeds.dtype))

@@ -204,16 +204,19 @@ def prompt_spread(prompt: Tensor) -> Tensor:
 def text_losses(model, prompt: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """The LM loss of each text after the visual ``prompt`` [B, Q, H_llm], on its target tokens only
     -> (summed loss [B] float32, target-token count [B]). ``batch`` as for ``stage2_losses``."""
+    labels, positions = batch["labels"], None
+    if not model.llm.is_encoder_decoder:  # position t predicts token t + 1: the LM head only where one is scored
+        labels = labels[:, 1:]
+        positions = (labels != IGNORE).any(dim=0).nonzero().squeeze(1)  # [K]
+        labels = labels[:, positions]  # [B, K]
     logits = model.text_logits(
         prompt,
         batch["input_ids"],
         batch["attention_mask"],
         batch.get("decoder_input_ids"),
         batch.get("decoder_attention_mask"),
-    )  # [B, T, V]
-    labels = batch["labels"]
-    if not model.llm.is_encoder_decoder:  # position t predicts token t + 1
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        positions,
+    )  # [B, K, V] (encoder-decoder: [B, S, V])
     losses = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none")  # [B, T]
     return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
 

@@ -4,8 +4,8 @@
 stage: 1                      # 1: Q-Former + frozen encoder (ITC/ITM/ITG); 2: + projection + frozen LLM
 model: {vision: {...}, qformer: {...}, llm: null}   # a Blip2Config (see blip2/config.py)
 init: null                    # stage 2: the stage-1 checkpoint to start from; stage 1: a stage-1 run to train on
-data: {captions: [path, ...], vqa: [path, ...], feature_cache: null, captions_per_image: 1, caption_index: null,
-       question_type_repeats: {}, augment: true}
+data: {captions: [path, ...], vqa: [path, ...], chat: [path, ...], feature_cache: null, captions_per_image: 1, caption_index: null,
+       question_type_repeats: {}, one_source_per_batch: false, augment: true}
 train: {steps: 1000, batch_size: 64, lr: 1e-4, out_dir: runs/stage1, ...}   # a TrainConfig
 ```
 """
@@ -30,10 +30,10 @@ from blip2.config import (
     read_yaml_mapping,
 )
 from blip2.data.bad_images import BadImageCounter
+from blip2.data.collate import Stage1Collate, Stage2Collate
 from blip2.data.datasets import open_dataset
 from blip2.data.feature_cache import FeatureCache, encoder_identity
 from blip2.data.records import check_question_type_repeats
-from blip2.data.text import Stage1Collate, Stage2Collate
 from blip2.distributed import is_main
 from blip2.factory import Parts, build
 from blip2.io import check_writable, read_safetensors, write_atomically
@@ -53,11 +53,13 @@ class DataConfig:
 
     captions: list[str] = field(default_factory=list)
     vqa: list[str] = field(default_factory=list)  # stage 2 only: question/answer pairs mixed with the captions
+    chat: list[str] = field(default_factory=list)  # stage 2 only: conversations, trained as chat renders them
     image_root: str | None = None
     feature_cache: str | None = None  # a folder from `blip2 cache-features`: no image decoding, no augmentation
     captions_per_image: int = 1  # captions of each image per epoch (more weighs captions up against data.vqa)
     caption_index: int | None = None  # train on only this caption of every image (e.g. the form retrieval asks in)
     question_type_repeats: dict[str, int] = field(default_factory=dict)  # {question_type: n}: n copies per epoch
+    one_source_per_batch: bool = False  # each batch from one of captions / vqa / chat: no row padded to another's length
     augment: bool = True  # BLIP-2's random resized crop (ignored with a feature cache)
     hflip: bool = False  # off by default: flipping breaks "left"/"right" in captions
     max_bad_images: float | int | None = 0.01
@@ -76,10 +78,11 @@ class Recipe:
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and self.model.llm is None:
             raise ConfigError("a stage-2 recipe needs model.llm (the frozen LLM the Q-Former learns to prompt)")
-        if self.stage == 1 and self.data.vqa:
-            raise ConfigError("stage 1 trains on captions only: move data.vqa to a stage-2 recipe")
-        if not self.data.captions and not self.data.vqa:
-            raise ConfigError("the recipe names no training data: set data.captions (and/or data.vqa for stage 2)")
+        if self.stage == 1 and (self.data.vqa or self.data.chat):
+            raise ConfigError("stage 1 trains on captions only: move data.vqa and data.chat to a stage-2 recipe")
+        if not self.data.captions and not self.data.vqa and not self.data.chat:
+            raise ConfigError("the recipe names no training data: set data.captions (and/or data.vqa, data.chat for "
+                              "stage 2)")
         if not isinstance(self.data.question_type_repeats, dict):
             raise ConfigError("data.question_type_repeats must be a mapping {question_type: n}, e.g. {position: 3}; "
                               f"got {self.data.question_type_repeats!r}")
@@ -164,6 +167,7 @@ def build_dataset(recipe: Recipe, parts: Parts):
                           caption_index=data.caption_index) for p in data.captions]
     parts += [open_dataset(p, transform=transform, task="vqa", image_root=data.image_root,
                            question_type_repeats=data.question_type_repeats) for p in data.vqa]
+    parts += [open_dataset(p, transform=transform, task="chat", image_root=data.image_root) for p in data.chat]
     return parts[0] if len(parts) == 1 else MixedDataset(parts)
 
 
@@ -174,6 +178,7 @@ def stage2_collate(recipe: Recipe, parts: Parts) -> Stage2Collate:
         decoder_start_token_id=llm.model.config.decoder_start_token_id if llm.is_encoder_decoder else None,
         qformer_tokenizer=parts.qformer_tokenizer if recipe.model.llm.prompt_to_qformer else None,
         qformer_max_len=recipe.model.qformer.max_text_len,
+        num_visual=parts.model.num_visual,
     )  # fmt: skip
 
 
@@ -189,7 +194,9 @@ def run_recipe(recipe: Recipe) -> Path:
         collate, step = stage2_collate(recipe, parts), stage2_step
     out_dir = Path(recipe.train.out_dir)
     bad_images = BadImageCounter(recipe.data.max_bad_images)
-    trainer = Trainer(model, step, dataset, recipe.train, collate_fn=collate, batch_hook=bad_images.update)
+    mixture = dataset.datasets if recipe.data.one_source_per_batch and isinstance(dataset, MixedDataset) else None
+    trainer = Trainer(model, step, dataset, recipe.train, collate_fn=collate, batch_hook=bad_images.update,
+                      batch_groups=[len(d) for d in mixture] if mixture else None)
     if is_main():  # after the Trainer accepted out_dir (it refuses another run's checkpoints)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

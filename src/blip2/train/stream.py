@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,14 +13,28 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from blip2.errors import InputError
 
 
-def epoch_batches(num_examples: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
+def epoch_batches(num_examples: int, batch_size: int, epoch: int, seed: int, rank: int, world: int,
+                  groups: Sequence[int] | None = None) -> list[list[int]]:
     """This rank's index batches for one epoch, as DistributedSampler + drop_last would deal them.
 
     One seeded permutation of the whole dataset per epoch, padded by wrapping around to a multiple of ``world``,
-    dealt round-robin to the ranks, cut into full batches (the partial last one is dropped).
+    dealt round-robin to the ranks, cut into full batches (the partial last one is dropped). ``groups``: the sizes
+    of consecutive index ranges (the datasets of a mixture) whose examples never share a batch: each is dealt
+    so, and the batches of all of them are then shuffled together.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_examples, generator=generator).tolist()
+    if groups is None:
+        return _deal(torch.randperm(num_examples, generator=generator).tolist(), batch_size, rank, world)
+    if sum(groups) != num_examples:
+        raise InputError(f"batch groups of {sum(groups)} examples for a dataset of {num_examples}")
+    batches, start = [], 0
+    for size in groups:
+        batches += _deal((torch.randperm(size, generator=generator) + start).tolist(), batch_size, rank, world)
+        start += size
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def _deal(order: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
     order += order[: -len(order) % world]
     mine = order[rank::world]
     return [mine[i: i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
@@ -39,11 +53,11 @@ class BatchStream:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, collate_fn: Callable | None, num_workers: int,
-                 seed: int, rank: int, world: int, pin_memory: bool = False):
-        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
+                 seed: int, rank: int, world: int, pin_memory: bool = False, groups: Sequence[int] | None = None):
+        self.dataset, self.batch_size, self.collate_fn, self.groups = dataset, batch_size, collate_fn, groups
         self.num_workers, self.seed, self.rank, self.world, self.pin_memory = num_workers, seed, rank, world, pin_memory
         self.iterable = isinstance(dataset, IterableDataset)
-        if not self.iterable and not epoch_batches(len(dataset), batch_size, 0, seed, rank, world):
+        if not self.iterable and not epoch_batches(len(dataset), batch_size, 0, seed, rank, world, groups):
             raise InputError(f"the dataset has {len(dataset)} examples, fewer than one batch per process "
                              f"(batch_size {batch_size} x {world} processes): lower batch_size or add data")
         self.epoch, self.taken = 0, 0
@@ -75,7 +89,8 @@ class BatchStream:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
         if not self.iterable:
-            batches = epoch_batches(len(self.dataset), self.batch_size, self.epoch, self.seed, self.rank, self.world)
+            batches = epoch_batches(len(self.dataset), self.batch_size, self.epoch, self.seed, self.rank, self.world,
+                                    self.groups)
             return iter(DataLoader(self.dataset, batch_sampler=batches[self.taken:], **options))
         iterator = iter(DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True, **options))
         skipped = sum(1 for _ in itertools.islice(iterator, self.taken))

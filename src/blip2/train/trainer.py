@@ -19,7 +19,7 @@ import math
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -192,7 +192,10 @@ class Trainer:
         param_groups: Callable[[nn.Module], list[dict]] | None = None,
         state_fn: Callable[[nn.Module], dict[str, Tensor]] | None = None,
         batch_hook: Callable[[Any], None] | None = None,
+        batch_groups: Sequence[int] | None = None,
     ):
+        """``batch_groups``: sizes of the consecutive index ranges of ``dataset`` whose examples never share a batch
+        (``epoch_batches``)."""
         self.cfg = cfg
         self.lock = RunLock(cfg.out_dir) if rank_and_world()[0] == 0 else None  # before anything is written there
         refuse_to_overwrite(cfg)
@@ -219,7 +222,7 @@ class Trainer:
         self._param_names = [names[id(p)] for p in self._trainable]
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.data = BatchStream(dataset, cfg.batch_size, collate_fn, cfg.num_workers, cfg.seed, self.rank,
-                                self.world, pin_memory=self.device.type == "cuda")
+                                self.world, pin_memory=self.device.type == "cuda", groups=batch_groups)
         self.step = 0
 
     def _autocast_dtype(self) -> torch.dtype | None:
