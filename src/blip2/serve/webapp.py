@@ -67,7 +67,7 @@ def build_blocks(engine: Engine, settings, index=None) -> gr.Blocks:
             yield gr.skip(), gr.skip()
             return
         image = picture(image_path)
-        messages = [Message(m["role"], m["content"]) for m in history] + [Message("user", text)]
+        messages = [Message(m["role"], _text(m["content"])) for m in history] + [Message("user", text)]
         messages[0] = Message("user", messages[0].text, (image,))
         history = history + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield "", history
@@ -119,6 +119,13 @@ def build_blocks(engine: Engine, settings, index=None) -> gr.Blocks:
         if index is not None:
             _search_tab(engine, index)
     return blocks
+
+
+def _text(content) -> str:
+    """A chatbot message's text: Gradio hands messages back with their content as a list of parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
 def _search_tab(engine: Engine, index) -> None:
