@@ -25,7 +25,7 @@ def test_milvus_index_searches_as_the_exact_faiss_index(models, photos, tmp_path
     info = milvus_index.info()
     assert (info["backend"], info["milvus_index"], info["vectors"], info["images"]) == ("milvus", "FLAT", 48, 12)
     assert info["milvus_uri"] == str(tmp_path / "milvus" / "milvus.db")
-    for query in (dict(text=TEXT), dict(text="cat", rerank=4), dict(image=str(photos / "02.png"))):
+    for query in ({"text": TEXT}, {"text": "cat", "rerank": 4}, {"image": str(photos / "02.png")}):
         expected = [(h.path, h.score, h.itm) for h in faiss_index.search(**query, k=12)]
         assert [(h.path, h.score, h.itm) for h in milvus_index.search(**query, k=12)] == expected  # the same vectors
 

@@ -99,13 +99,13 @@ class MilvusBackend:
     def vectors(self, image_ids: np.ndarray) -> np.ndarray:
         """Exact vectors of the images, read back from the collection: [len, Q, E]."""
         out = np.zeros((len(image_ids), self.num_queries, self.dim), np.float32)
-        position = {int(image): row for row, image in enumerate(image_ids)}
-        step = max(1, QUERY_LIMIT // self.num_queries)
-        for start in range(0, len(image_ids), step):
-            chunk = ",".join(str(int(i)) for i in image_ids[start:start + step])
-            for hit in self.client.query(self.collection, filter=f"image_id in [{chunk}]",
-                                         output_fields=["id", "image_id", "vector"]):
-                out[position[hit["image_id"]], hit["id"] % self.num_queries] = hit["vector"]
+        ids = (np.asarray(image_ids, np.int64)[:, None] * self.num_queries + np.arange(self.num_queries)).ravel()
+        position = {vector_id: row for row, vector_id in enumerate(ids.tolist())}
+        rows = out.reshape(-1, self.dim)  # a view: [len * Q, E]
+        for start in range(0, len(ids), QUERY_LIMIT):  # by primary key: fast, unlike a filter on image_id
+            for found in self.client.get(self.collection, ids=ids[start:start + QUERY_LIMIT].tolist(),
+                                         output_fields=["vector"]):
+                rows[position[found["id"]]] = found["vector"]
         return out
 
     def append(self, first_slot: int, vectors: np.ndarray) -> None:
@@ -123,10 +123,12 @@ class MilvusBackend:
         self.client.delete(self.collection, filter=f"image_id >= {self.slots}")
 
     def sync(self, kind: str, budget: int, progress: bool = True) -> None:
-        """Switch the collection's vector index to the kind its size calls for (FLAT when small, else HNSW)."""
+        """Seal what was inserted; switch the collection's vector index to the kind its size calls for (FLAT when
+        small, else HNSW)."""
         if kind == "auto":
             kind = "flat" if self.slots * self.num_queries <= FLAT_MAX_VECTORS else "hnsw"
         wanted = INDEX_TYPES[kind]
+        self.client.flush(self.collection)  # sealed segments: searching growing ones is ten times slower
         if wanted != self.index_type:
             self.client.release_collection(self.collection)
             self.client.drop_index(self.collection, "vector")
