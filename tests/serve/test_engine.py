@@ -5,6 +5,7 @@ max tokens, cancelling, a full queue and over-long prompts."""
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 
 import pytest
@@ -13,6 +14,7 @@ from blip2.infer.decoding import GenerationOptions
 from blip2.serve.engine import Delta, Engine, Finished, QueueFull
 from blip2.serve.prompts import Message, UserImage
 
+WORDS = "a photo of cat dog the is on mat what color red blue".split()
 QUESTIONS = ["what is on the mat", "what color is the cat", "is the dog red", "a photo of what"]
 
 
@@ -67,6 +69,58 @@ def test_each_reply_equals_the_model_alone_whatever_shares_the_batch(tiny_model,
     assert engine.stats.max_batch_seen == 3
     texts = [text for session in sessions for role, text in session.history if role == "assistant"]
     assert len(set(texts)) > 2, "degenerate replies prove little"
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_a_busy_engine_stays_exact(tiny_model, pngs, family):
+    """Sixteen requests of random lengths arriving at random steps into five rows: rows leave and are replaced,
+    longer prompts join shorter ones, the storage is rebuilt; every answer is still the model's alone."""
+    model = tiny_model(family)
+    engine = Engine(model, max_batch=5, max_queue=16)
+    rng = random.Random(0)
+    images = [image(data) for data in pngs]
+    requests = []
+    for i in range(16):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))
+        requests.append((images[i % 3], words, rng.randint(1, 20)))
+    handles = []
+    for picture, question, length in requests:
+        handles.append(submit(engine, [user(question, picture)], "vqa", max_new_tokens=length))
+        for _ in range(rng.randint(0, 3)):
+            engine.step()
+    drain(engine)
+    for (picture, question, length), handle in zip(requests, handles):
+        assert text_of(handle).text == model.answer(picture.image, question, max_new_tokens=length)[0], question
+    assert engine.stats.max_batch_seen == 5
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_prompts_admitted_together_run_in_one_forward_and_equal_the_model_alone(tiny_model, pngs, family):
+    """Six prompts of different lengths, some extending a cached conversation and some not, run in one prefill
+    forward (padded), then a budget that splits them; every reply is still the model's alone."""
+    model = tiny_model(family)
+    images = [image(data) for data in pngs]
+    for budget in (10_000, 60):
+        engine = Engine(model, max_batch=8, prefill_budget=budget)
+        first = submit(engine, [user(QUESTIONS[0], images[0])], max_new_tokens=6)
+        drain(engine)
+        history = [user(QUESTIONS[0], images[0]), Message("assistant", text_of(first).text)]
+        cases = [(history + [user(QUESTIONS[1])], 5), ([user(QUESTIONS[2], images[1])], 9),
+                 ([user(" ".join(WORDS * 3), images[2])], 4), (history + [user(QUESTIONS[3])], 7),
+                 ([user("red", images[0])], 8), ([user(QUESTIONS[1], images[2])], 3)]  # fmt: skip
+        before = engine.stats.prefill_forwards
+        handles = [submit(engine, messages, max_new_tokens=n) for messages, n in cases]
+        drain(engine)
+        forwards = engine.stats.prefill_forwards - before
+        assert forwards == 1 if budget == 10_000 else 1 < forwards < len(cases)
+        replies = [text_of(handle) for handle in handles]
+        for (messages, n), reply in zip(cases, replies):
+            session = model.chat(messages[0].images[0].image)
+            for message in messages[:-1]:
+                if message.role == "user":
+                    session.ask(message.text, max_new_tokens=6)
+            assert reply.text == session.ask(messages[-1].text, max_new_tokens=n), (budget, messages[-1])
+        assert replies[0].usage.cached_tokens > len(history) and replies[3].usage.cached_tokens > len(history)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "t5"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import threading
 
 import openai
 import pytest
@@ -103,10 +104,14 @@ def test_errors_the_client_raises(serve, pngs, image_message):
         api.chat.completions.create(model="tiny", messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}])
     assert bad.value.body["param"] == "messages[0].content[0]"
-    stream = api.chat.completions.create(model="tiny", messages=[image_message("cat", pngs[0])], max_tokens=200,
+    gate = threading.Event()
+    engine.call(gate.wait)  # the engine thread waits here: requests queue up
+    stream = api.chat.completions.create(model="tiny", messages=[image_message("cat", pngs[0])], max_tokens=5,
                                          stream=True)  # fmt: skip
-    next(iter(stream))  # the only row is taken, no queue behind it
+    next(iter(stream))  # accepted: it takes the only place (one row, no queue behind it)
     with pytest.raises(openai.RateLimitError) as busy:
         api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert int(busy.value.response.headers["retry-after"]) >= 1
-    stream.close()
+    gate.set()
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)  # the first one is answered
+    assert api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)

@@ -115,6 +115,8 @@ class PrefixCache:
     def put(self, key: list, layers: Layers) -> None:
         """Keep ``layers`` (holding ``len(key)`` positions); entries that are a prefix of ``key`` are dropped: this
         one holds all they hold."""
+        if self.lru.budget <= 0:
+            return
         for entry_id in self.lru.keys():
             old: PrefixEntry = self.lru.get(entry_id, count=False)
             if len(old.key) <= len(key) and common_prefix(old.key, key) == len(old.key):

@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 
 from blip2.infer.chat import IMAGE_ID
-from blip2.infer.decoding import DecoderRunner, EncoderDecoderRunner, GenerationOptions, next_token
+from blip2.infer.decoding import EncoderDecoderRunner, GenerationOptions, next_token
 from blip2.infer.generation import context_length
 from blip2.serve.caches import ImageCache, PrefixCache
-from blip2.serve.kv import DecoderBatch, EncoderDecoderBatch, cache_from_layers, check_batchable
+from blip2.serve.kv import DecoderBatch, EncoderDecoderBatch, check_batchable, prefill
 from blip2.serve.prompts import Message, Prompt, PromptFormat, UserImage, render
 from blip2.serve.replies import ReplyText
 
@@ -131,6 +131,18 @@ class Handle:
         return _final(last)
 
 
+def _groups(ready: list, budget: int) -> list[list]:
+    """Admissions in groups run together: shortest first, each group at most ``budget`` padded positions (rows
+    times the longest), at least one row."""
+    groups, group = [], []
+    for item in sorted(ready, key=lambda item: item[1].shape[1]):
+        if group and (len(group) + 1) * item[1].shape[1] > budget:
+            groups.append(group)
+            group = []
+        group.append(item)
+    return groups + [group] if group else groups
+
+
 def _final(event: Event) -> Finished:
     if isinstance(event, Failed):
         raise event.error
@@ -163,6 +175,8 @@ class Stats:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     computed_prompt_tokens: int = 0
+    prefill_forwards: int = 0
+    prefill_rows: int = 0  # sum of rows over prefill forwards
     decode_steps: int = 0
     decode_rows: int = 0  # sum of batch sizes over decode steps
     max_batch_seen: int = 0
@@ -184,6 +198,7 @@ class Engine:
         max_queue: int = 64,
         image_cache_bytes: int = 256 * MiB,
         prefix_cache_bytes: int = 512 * MiB,
+        prefill_budget: int = 512,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
@@ -192,6 +207,7 @@ class Engine:
         check_batchable(self.llm)
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_budget = prefill_budget
         self.images = ImageCache(image_cache_bytes)
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.stats = Stats()
@@ -284,8 +300,8 @@ class Engine:
             job.handle.emit(Failed(EngineClosed("the engine stopped before this request finished")))
         for _, future in self._calls:
             future.set_exception(EngineClosed("the engine stopped before this call ran"))
+        self._batch.remove(set(range(len(self._rows))))
         self._rows, self._waiting, self._calls = [], deque(), deque()
-        self._batch.keep([])
 
     def _loop(self) -> None:
         while True:
@@ -315,38 +331,53 @@ class Engine:
                     future.set_result(fn())
                 except Exception as error:  # handed to the caller, who reports it
                     future.set_exception(error)
-        for job in admitted:
-            self._admit(job)
+        if admitted:
+            self._admit(admitted)
         if self._rows:
             self._decode()
 
     def _drop_cancelled(self) -> None:
         self._waiting = deque(job for job in self._waiting if not job.handle.cancelled)
-        gone = [i for i, job in enumerate(self._rows) if job.handle.cancelled]
+        gone = {i for i, job in enumerate(self._rows) if job.handle.cancelled}
         for i in gone:
             self._finish(self._rows[i], "cancelled", None)
         if gone:
-            self._keep([i for i in range(len(self._rows)) if i not in gone])
+            self._remove(gone)
 
-    def _admit(self, job: _Job) -> None:
-        """Run the prompt alone; choose the first token; join the batch unless already finished."""
-        try:
-            embeds = self._embed(job.prompt)  # [1, L, H]
-            if self.llm.is_encoder_decoder:
-                runner = EncoderDecoderRunner(self.llm, embeds, torch.ones(embeds.shape[:2], dtype=torch.long,
-                                                                           device=embeds.device))  # fmt: skip
-                logits = runner.start()
-                reuse = 0
-            else:
-                runner = DecoderRunner(self.llm)
-                reuse, layers = self.prefixes.lookup(job.key, len(job.key) - 1)  # at least one position runs
-                if layers is not None:
-                    runner.cache = cache_from_layers(self.llm, layers, reuse)
-                logits = runner.feed(embeds[:, reuse:])  # [1, V]
-        except Exception as error:
-            self.stats.failed += 1
-            job.handle.emit(Failed(error))
+    def _admit(self, jobs: list[_Job]) -> None:
+        """Run the new rows' prompts (decoder-only: together, up to ``prefill_budget`` padded positions per forward;
+        T5: each alone), choose their first tokens; they join the batch unless already finished."""
+        ready = []
+        for job in jobs:
+            try:
+                embeds = self._embed(job.prompt)  # [1, L, H]
+                reuse, layers = (0, None) if self.llm.is_encoder_decoder else self.prefixes.lookup(job.key, len(job.key) - 1)
+                ready.append((job, embeds[:, reuse:], layers, reuse))
+            except Exception as error:
+                self._fail([job], error)
+        if self.llm.is_encoder_decoder:
+            for job, embeds, _, _ in ready:
+                try:
+                    runner = EncoderDecoderRunner(self.llm, embeds, torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                               device=embeds.device))  # fmt: skip
+                    self._started(job, runner.start(), runner, 0, None)
+                except Exception as error:
+                    self._fail([job], error)
             return
+        for group in _groups(ready, self.prefill_budget):
+            try:
+                logits, caches = prefill(self.llm, [(embeds, layers, reuse) for _, embeds, layers, reuse in group])
+            except Exception as error:
+                self._fail([job for job, *_ in group], error)
+                continue
+            self.stats.prefill_forwards += 1
+            self.stats.prefill_rows += len(group)
+            for (job, _, _, reuse), row_logits, layers in zip(group, logits, caches):
+                self.prefixes.put(job.key, layers)  # the prompt, for requests that start alike from now on
+                self._started(job, row_logits[None], layers, reuse, lambda layers=layers: layers)
+
+    def _started(self, job: _Job, logits: Tensor, row, reuse: int, cached: Callable | None) -> None:
+        """``job``'s prompt has run: its first token; then it joins the batch (``row``) or finishes."""
         job.usage.cached_tokens = reuse
         self.stats.recent.append((time.monotonic(), 1))
         self.stats.prompt_tokens += len(job.key)
@@ -354,9 +385,14 @@ class Engine:
         reason = self._choose(job, logits)
         if reason is None:
             self._rows.append(job)
-            self._batch.add(runner)
+            self._batch.add(row)
         else:
-            self._finish(job, reason, None if self.llm.is_encoder_decoder else lambda: _unpadded(runner.cache))
+            self._finish(job, reason, cached)
+
+    def _fail(self, jobs: list[_Job], error: Exception) -> None:
+        self.stats.failed += len(jobs)
+        for job in jobs:
+            job.handle.emit(Failed(error))
 
     def _decode(self) -> None:
         logits = self._batch.forward([job.tokens[-1] for job in self._rows])  # [B, V]
@@ -373,11 +409,11 @@ class Engine:
             row = None if self.llm.is_encoder_decoder else (lambda i=i: self._batch.row(i))
             self._finish(self._rows[i], reason, row)
         if done:
-            self._keep([i for i in range(len(self._rows)) if i not in done])
+            self._remove(set(done))
 
-    def _keep(self, rows: list[int]) -> None:
-        self._rows = [self._rows[i] for i in rows]
-        self._batch.keep(rows)
+    def _remove(self, gone: set[int]) -> None:
+        order = self._batch.remove(gone)  # the batch may reorder its rows
+        self._rows = [self._rows[i] for i in order]
 
     def _choose(self, job: _Job, logits: Tensor) -> str | None:
         """Pick ``job``'s next token from ``logits`` [1, V]; its finish reason, or None while it goes on."""
@@ -396,7 +432,7 @@ class Engine:
 
     def _finish(self, job: _Job, reason: str, cached: Callable[[], list] | None) -> None:
         """Report the end of ``job``; keep its LLM cache (``cached()``: what it holds) for a next turn first."""
-        if cached is not None and reason != "cancelled" and self.prefixes.lru.budget > 0:
+        if cached is not None and reason != "cancelled":
             self.prefixes.put(job.key + job.tokens[:-1], cached())  # the last token was never fed
         job.usage.completion_tokens = len(job.tokens)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
@@ -435,6 +471,3 @@ class Engine:
             embeds[tokens == IMAGE_ID] = visual.to(embeds.dtype)
         return embeds[None]
 
-
-def _unpadded(cache) -> list:
-    return [(layer.keys, layer.values) for layer in cache.layers]

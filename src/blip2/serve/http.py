@@ -409,6 +409,8 @@ def prometheus_text(engine: Engine) -> str:
         ("prompt_tokens_total", "counter", "prompt positions of admitted requests", s.prompt_tokens),
         ("prompt_tokens_computed_total", "counter", "prompt positions run (not from the prefix cache)",
          s.computed_prompt_tokens),
+        ("prefill_forwards_total", "counter", "forwards running new prompts", s.prefill_forwards),
+        ("prefill_rows_total", "counter", "prompts over those forwards (mean group = rows / forwards)", s.prefill_rows),
         ("decode_steps_total", "counter", "batched decode steps", s.decode_steps),
         ("decode_rows_total", "counter", "rows over all decode steps (mean batch = rows / steps)", s.decode_rows),
         ("batch_size_max", "gauge", "largest decode batch so far", s.max_batch_seen),
