@@ -333,7 +333,7 @@ def main() -> None:
     args.clients = args.clients or (4 if args.quick else 32)
     args.seconds = args.seconds or (4.0 if args.quick else 60.0)
     args.max_tokens = args.max_tokens or (6 if args.quick else 32)
-    repeats = common.setup(args, default_repeats=5)
+    repeats = common.setup(args, default_repeats=9)
     with tempfile.TemporaryDirectory() as workdir:
         model = model_pair.ours(args.quick)
         directory = str(model.export_hf(Path(workdir) / "blip2-hf"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AuthenticationError
 
 from blip2.serve.prompts import UserImage
 
@@ -47,3 +48,16 @@ def test_chat_caption_and_new_image(serve, image_file, request):
     assert cleared[1:] == ([], "", "")
     with pytest.raises(Exception, match="Upload or paste an image first"):
         client.predict("hi", [], None, 12, 0, "chat", api_name="/chat")
+
+
+def test_with_an_api_key_the_app_asks_for_it(serve, image_file, request):
+    server, engine = serve("llama", web_app=True, api_key="sesame")
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):
+        Client(server.url + "/", verbose=False)  # the app is behind the login page
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(server.url + "/", auth=("anyone", "wrong"), verbose=False)
+    client = Client(server.url + "/", auth=("anyone", "sesame"), verbose=False)
+    request.addfinalizer(client.close)
+    picture = UserImage.from_bytes(image_file.read_bytes(), 10**7).image
+    assert client.predict(handle_file(str(image_file)), api_name="/caption") == engine.model.caption(
+        picture, max_new_tokens=30)[0]

@@ -43,7 +43,9 @@ def serve(
     POST /v1/chat/completions (images as data: URLs in image_url parts; "stream": true for server-sent events),
     GET /v1/models, POST /v1/embeddings (texts, and images as data: URLs: ITC embeddings), GET /health, GET /metrics.
     Binds 127.0.0.1 unless --host says otherwise. --api-key (or the environment variable BLIP2_API_KEY) makes every
-    /v1 request need "Authorization: Bearer KEY" (the app then asks for it as the password).
+    /v1 request need "Authorization: Bearer KEY" (the app then asks for it as the password). Clients name the model
+    --model-name (default: the --model value). A conversation may hold --max-images images of at most --max-image-mb
+    MB and --max-image-pixels pixels.
     Requests share one decode batch of up to --max-batch-size rows; --max-queue more wait, others get 429.
     Images are fetched from http(s) URLs only with --allow-remote-images, and read from file:// URLs only under
     --allowed-local-media-path. --index PATH (a `blip2 index build` folder) adds POST /v1/search and the app's

@@ -151,14 +151,16 @@ class RowSlots:
         return [(k[index : index + 1, :, span].clone(), v[index : index + 1, :, span].clone())
                 for k, v in zip(self.keys, self.values)]  # fmt: skip
 
-    def inputs(self) -> tuple[Tensor, Tensor]:
-        """For the next forward of one position per row: attention mask [B, end + 1 - low] and position ids [B, 1]."""
+    def inputs(self) -> tuple[Tensor | None, Tensor]:
+        """For the next forward of one position per row: attention mask [B, end + 1 - low] (None when no row is
+        padded: then attention runs as for one unpadded sequence) and position ids [B, 1]."""
         if self.end == self.keys[0].shape[2]:
             self._rebuild(None, len(self), 0)
         low, device = self.low, self.keys[0].device
         starts = torch.tensor(self.starts, device=device)[:, None]  # [B, 1]
         columns = torch.arange(low, self.end + 1, device=device)[None]  # [1, W]
-        return (columns >= starts).long(), self.end - starts
+        mask = None if max(self.starts) == low else (columns >= starts).long()
+        return mask, self.end - starts
 
     def write(self, index: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Layer ``index``'s new keys/values [B, h, 1, d] go to column ``end``; -> what attention reads."""
@@ -238,7 +240,7 @@ class DecoderBatch:
     def forward(self, tokens: list[int]) -> Tensor:
         """Feed each row its next token -> logits [B, V] after it."""
         mask, positions = self.slots.inputs()
-        ids = torch.tensor(tokens, device=mask.device)[:, None]  # [B, 1]
+        ids = torch.tensor(tokens, device=positions.device)[:, None]  # [B, 1]
         extra = {"logits_to_keep": 1} if self._keep_last else {}
         out = self.llm.model(inputs_embeds=self.llm.embed(ids), attention_mask=mask, position_ids=positions,
                              use_cache=True, **{self._cache_name: self.slots.cache}, **extra)  # fmt: skip
@@ -315,8 +317,8 @@ class EncoderDecoderBatch:
         return order
 
     def forward(self, tokens: list[int]) -> Tensor:
-        mask, _ = self.slots.inputs()  # T5's relative positions need no ids
-        ids = torch.tensor(tokens, device=mask.device)[:, None]  # [B, 1]
+        mask, positions = self.slots.inputs()  # T5's relative positions need no ids
+        ids = torch.tensor(tokens, device=positions.device)[:, None]  # [B, 1]
         cache = EncoderDecoderCache(self.slots.cache, self.cross.cache)  # cross-attention: computed, reused
         out = self.llm.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_states), attention_mask=self.cross.mask.long(),
