@@ -266,3 +266,25 @@ def test_the_engine_thread_serves_threads_and_asyncio_at_once(tiny_model, pngs):
     engine.stop()
     for i, text in results.items():
         assert text == model.chat(photo.image).ask(QUESTIONS[i], max_new_tokens=8)
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(tiny_model, pngs, monkeypatch):
+    model = tiny_model("llama")
+    engine = Engine(model).start()
+    forward, broken = model.llm.model.forward, {"when": None}
+
+    def failing(*args, **kwargs):
+        if broken["when"] is not None and broken["when"](kwargs["inputs_embeds"].shape[1]):
+            raise RuntimeError("the device fell over")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.llm.model, "forward", failing)
+    for when, data in [(lambda positions: positions == 1, pngs[0]), (lambda positions: positions > 1, pngs[2])]:
+        broken["when"] = when  # a decode step fails, then a prompt's forward
+        with pytest.raises(RuntimeError, match="fell over"):
+            submit(engine, [user(QUESTIONS[0], image(data))], max_new_tokens=5).result()
+        assert engine.running == 0
+        broken["when"] = None
+        assert submit(engine, [user(QUESTIONS[1], image(pngs[0]))], max_new_tokens=5).result().usage.completion_tokens
+    assert engine.stats.failed == 2
+    engine.stop()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -37,6 +38,7 @@ from blip2.serve.prompts import Message, Prompt, PromptFormat, UserImage, render
 from blip2.serve.replies import ReplyText
 
 MiB = 1 << 20
+log = logging.getLogger("blip2.serve")
 
 
 class QueueFull(RuntimeError):
@@ -310,7 +312,13 @@ class Engine:
                     self._lock.wait()
                 if self._closed:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # a bug or the device failing: report it, drop the batch, keep serving
+                log.exception("engine step failed")
+                self._fail(self._rows, error)
+                self._batch.remove(set(range(len(self._rows))))
+                self._rows = []
 
     @property
     def busy(self) -> bool:
@@ -318,7 +326,7 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One iteration: calls, departures, admissions (prefill alone), one batched decode step."""
+        """One iteration: calls, departures, admissions (their prompts run together), one batched decode step."""
         with self._lock:
             calls, self._calls = list(self._calls), deque()
             self._drop_cancelled()

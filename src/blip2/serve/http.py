@@ -118,12 +118,15 @@ def create_app(engine: Engine, settings: ServerSettings, index=None, web_app: bo
     async def embeddings(body: protocol.EmbeddingRequest):
         _check_model(body.model, settings)
         if body.dimensions is not None:
-            raise APIError(400, "dimensions: this model's embeddings have a fixed size (256); leave it out",
+            size = engine.model.cfg.qformer.embed_dim
+            raise APIError(400, f"dimensions: this model's embeddings have a fixed size ({size}); leave it out",
                            param="dimensions")  # fmt: skip
         items = body.input if isinstance(body.input, list) else [body.input]
         inputs = [await _embedding_input(item, i, settings) for i, item in enumerate(items)]
         try:
             vectors, tokens = await asyncio.wrap_future(engine.call(lambda: _embed(engine, inputs)))
+        except EngineClosed as error:
+            raise APIError(503, str(error), "server_error")
         except ValueError as error:
             raise APIError(400, str(error), param="input")
         data = [{"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
@@ -287,7 +290,8 @@ async def _embedding_input(item, i: int, settings: ServerSettings) -> str | User
 
 
 def _embed(engine: Engine, inputs: list) -> tuple[list, int]:
-    """(vectors: texts [256], images [Q * 256] (one 256-vector per query, row after row), Q-Former text tokens)."""
+    """(vectors: texts [E], images [Q * E] (one E-vector per query, row after row; E = 256 in BLIP-2), Q-Former
+    text tokens)."""
     model = engine.model
     texts = [item for item in inputs if isinstance(item, str)]
     text_vectors = iter(model.text_embeddings(texts) if texts else [])

@@ -5,6 +5,7 @@ the HTTP status to answer (400, or 413 for too many bytes or pixels) and a messa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import time
@@ -47,7 +48,7 @@ async def fetch_image(url: str, policy: MediaPolicy, where: str) -> UserImage:
         data = _local_bytes(url, where, policy)
     else:
         raise MediaError(f"{where}: unsupported image URL {url[:40]!r}: use a data:image/...;base64, URL")
-    return decode(data, where, policy)
+    return await asyncio.to_thread(decode, data, where, policy)  # a large image takes a while: not in the event loop
 
 
 def decode(data: bytes, where: str, policy: MediaPolicy) -> UserImage:

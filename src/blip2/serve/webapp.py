@@ -33,11 +33,11 @@ footer { display: none !important; }
 def build_blocks(engine: Engine, settings, index=None) -> gr.Blocks:
     """The app's Blocks; ``settings`` is the server's (image limits, model name)."""
 
-    def picture(path: str | None):
+    async def picture(path: str | None):
         if not path:
             raise gr.Error("Upload or paste an image first.")
         try:
-            return decode(Path(path).read_bytes(), "the image", settings.media)
+            return await asyncio.to_thread(decode, Path(path).read_bytes(), "the image", settings.media)
         except MediaError as error:
             raise gr.Error(str(error))
 
@@ -66,7 +66,7 @@ def build_blocks(engine: Engine, settings, index=None) -> gr.Blocks:
         if not text:
             yield gr.skip(), gr.skip()
             return
-        image = picture(image_path)
+        image = await picture(image_path)
         messages = [Message(m["role"], _text(m["content"])) for m in history] + [Message("user", text)]
         messages[0] = Message("user", messages[0].text, (image,))
         history = history + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
@@ -78,7 +78,7 @@ def build_blocks(engine: Engine, settings, index=None) -> gr.Blocks:
             yield "", history
 
     async def caption(image_path: str | None):
-        image = picture(image_path)
+        image = await picture(image_path)
         yield "…"
         async for text in stream([Message("user", "", (image,))], "vqa", GenerationOptions(CAPTION_TOKENS)):
             yield text
