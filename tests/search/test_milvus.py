@@ -71,7 +71,8 @@ def test_uncommitted_rows_are_dropped_and_other_index_types_work(models, photos,
     exact = Index.build([str(photos)], tmp_path / "faiss", str(models["a"]), progress=False)[0]
     assert [h.path for h in index.search(TEXT, k=5)] == [h.path for h in exact.search(TEXT, k=5)]
 
-    with pytest.raises(SearchIndexError, match="is a milvus index, not faiss"):
-        Index.build([str(photos)], out, str(models["a"]), progress=False)
+    with pytest.raises(SearchIndexError, match="is a milvus index, not faiss: leave --backend out to resume it"):
+        Index.build([str(photos)], out, str(models["a"]), backend="faiss", progress=False)
+    assert Index.build([str(photos)], out, str(models["a"]), progress=False)[1].unchanged == 13  # resumed
     with pytest.raises(SearchIndexError, match="cannot reach Milvus at http://127.0.0.1:9"):
         Index.build([str(photos)], tmp_path / "server", str(models["a"]), backend="milvus", uri="http://127.0.0.1:9")

@@ -105,29 +105,30 @@ class Index:
             return cls(folder, store, _open_backend(folder, store, writable), model)
 
     @classmethod
-    def build(cls, sources: list[str], folder: str | Path, model: Any, *, backend: Backends = "faiss",
+    def build(cls, sources: list[str], folder: str | Path, model: Any, *, backend: Backends | None = None,
               uri: str | None = None, collection: str | None = None, index_type: str | None = None,
               memory_budget: str | int | None = None, batch_size: int = 32,
               progress: bool = True) -> tuple[Index, BuildReport]:
         """Index ``sources`` into ``folder``, creating the index or resuming it (files already indexed are
         skipped); then (re)build the backend's search index. -> (the open index, what happened).
 
-        index_type: "auto" (the default for a new index), "flat", "hnsw" or "ivfpq"; memory_budget: bytes or "8G"
-        (default: half this machine's memory). Given when resuming, they replace the recorded ones.
+        backend: "faiss" (the default for a new index) or "milvus" (``uri``: a server; default milvus-lite in the
+        folder). index_type: "auto" (the default for a new index), "flat", "hnsw" or "ivfpq"; memory_budget: bytes
+        or "8G" (default: half this machine's memory). Given when resuming, they replace the recorded ones.
         """
         folder = Path(folder)
         if index_type not in (None, *ann.KINDS):
             raise SearchIndexError(f"--index-type {index_type!r}: choose one of {', '.join(ann.KINDS)}")
         if (folder / DATABASE).exists():
             index = cls.open(folder, model, writable=True)
-            if index.settings["backend"] != backend:
+            if backend not in (None, index.settings["backend"]):
                 raise SearchIndexError(f"{folder} is a {index.settings['backend']} index, not {backend}: leave "
                                        f"--backend out to resume it, or build into a new --out folder")
             changes = {"index_type": index_type, "memory_budget": memory_budget and str(ann.parse_bytes(memory_budget))}
             index.store.set_meta({key: value for key, value in changes.items() if value})
             index.settings = index.store.meta()
         else:
-            index = cls._create(folder, model, backend, uri, collection, index_type or "auto",
+            index = cls._create(folder, model, backend or "faiss", uri, collection, index_type or "auto",
                                 ann.parse_bytes(memory_budget))
         return index, index.add(sources, batch_size=batch_size, progress=progress)
 
