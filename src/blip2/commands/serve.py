@@ -9,9 +9,6 @@ from pathlib import Path
 import torch
 
 from blip2.api import load
-from blip2.serve.engine import MiB, Engine
-from blip2.serve.http import ServerSettings, create_app
-from blip2.serve.media import MediaPolicy
 
 API_KEY_ENV = "BLIP2_API_KEY"
 
@@ -51,7 +48,11 @@ def serve(
     --allowed-local-media-path. --index PATH (a `blip2 index build` folder) adds POST /v1/search and the app's
     search tab. --threads sets torch's CPU threads (0: torch's default). See docs/serving.md.
     """
-    import uvicorn  # the server's dependencies load only for this command
+    import uvicorn  # the server's dependencies (FastAPI, uvicorn, httpx, Gradio) load only for this command
+
+    from blip2.serve.engine import MiB, Engine
+    from blip2.serve.http import ServerSettings, create_app
+    from blip2.serve.media import MediaPolicy
 
     if threads:
         torch.set_num_threads(threads)
