@@ -42,7 +42,7 @@ def save_tiny_model(folder: Path, seed: int = 0, embed_dim: int = 16) -> Path:
         vision=VisionConfig(kind="hf", path=str(vision_dir)),
         qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                               max_position_embeddings=64, num_query_tokens=NUM_QUERIES, embed_dim=embed_dim,
-                              cross_attention_freq=1, init_from=None),  # fmt: skip
+                              cross_attention_freq=1, init_from=None),
         llm=None,
     )
     model = build(cfg, init_qformer=False).model

@@ -143,3 +143,14 @@ def test_the_model_identity_guards_the_index(models, photos, tmp_path):
     with pytest.raises(SearchIndexError, match="query vectors have 8 dims; this index holds 16-dim"):
         index.search_vectors(np.ones(8, np.float32))
     assert isinstance(index.read_image(0), Image.Image)
+
+
+def test_one_index_serves_several_threads(models, photos, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    index, _ = Index.build([str(photos)], tmp_path / "index", str(models["a"]), progress=False)
+    queries = [TEXT, "cat", "w3 w4", "dog on the mat"] * 3
+    expected = [[h.path for h in index.search(q, k=5)] for q in queries]
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda q: [h.path for h in index.search(q, k=5)], queries))
+    assert found == expected

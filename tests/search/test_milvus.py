@@ -25,7 +25,7 @@ def test_milvus_index_searches_as_the_exact_faiss_index(models, photos, tmp_path
     info = milvus_index.info()
     assert (info["backend"], info["milvus_index"], info["vectors"], info["images"]) == ("milvus", "FLAT", 48, 12)
     assert info["milvus_uri"] == str(tmp_path / "milvus" / "milvus.db")
-    for query in (dict(text=TEXT), dict(text="cat", rerank=4), dict(image=str(photos / "02.png"))):
+    for query in ({"text": TEXT}, {"text": "cat", "rerank": 4}, {"image": str(photos / "02.png")}):
         expected = [(h.path, h.score, h.itm) for h in faiss_index.search(**query, k=12)]
         assert [(h.path, h.score, h.itm) for h in milvus_index.search(**query, k=12)] == expected  # the same vectors
 
@@ -71,7 +71,8 @@ def test_uncommitted_rows_are_dropped_and_other_index_types_work(models, photos,
     exact = Index.build([str(photos)], tmp_path / "faiss", str(models["a"]), progress=False)[0]
     assert [h.path for h in index.search(TEXT, k=5)] == [h.path for h in exact.search(TEXT, k=5)]
 
-    with pytest.raises(SearchIndexError, match="is a milvus index, not faiss"):
-        Index.build([str(photos)], out, str(models["a"]), progress=False)
+    with pytest.raises(SearchIndexError, match="is a milvus index, not faiss: leave --backend out to resume it"):
+        Index.build([str(photos)], out, str(models["a"]), backend="faiss", progress=False)
+    assert Index.build([str(photos)], out, str(models["a"]), progress=False)[1].unchanged == 13  # resumed
     with pytest.raises(SearchIndexError, match="cannot reach Milvus at http://127.0.0.1:9"):
         Index.build([str(photos)], tmp_path / "server", str(models["a"]), backend="milvus", uri="http://127.0.0.1:9")

@@ -8,6 +8,7 @@ import sys
 from typing import Literal
 
 from blip2.search import BuildReport, Index
+from blip2.search.ann import readable_bytes
 from blip2.search.contact_sheet import write_contact_sheet
 
 SHOW_FAILURES = 20
@@ -18,7 +19,7 @@ def index_build(
     *,
     out: str,
     model: str = "default",
-    backend: Literal["faiss", "milvus"] = "faiss",
+    backend: Literal["faiss", "milvus"] | None = None,
     uri: str | None = None,
     collection: str | None = None,
     index_type: Literal["auto", "flat", "hnsw", "ivfpq"] | None = None,
@@ -34,7 +35,7 @@ def index_build(
     indexed is recorded as a duplicate, not encoded again; an unreadable image is skipped, reported and counted
     (exit status 1). The model is recorded; searching with another one is refused.
 
-    --backend faiss (embedded) keeps the vectors in the index folder under a FAISS index chosen from the size
+    --backend faiss (embedded, the default) keeps the vectors in the index folder under a FAISS index chosen from the size
     and --memory-budget (default: half this machine's memory): exact (flat) for small collections, HNSW, or
     IVF-PQ with exact re-scoring; --index-type forces one (auto by default). Rerunning a build with another
     --memory-budget or --index-type rebuilds the FAISS index from the stored vectors, without encoding again. --backend milvus stores them in Milvus: milvus-lite in
@@ -82,7 +83,8 @@ def index_info(index: str, json_output: bool = False) -> None:
         return
     failures = info.pop("failures")
     for key, value in info.items():
-        print(f"{key:>18}: {value}")
+        size = key.endswith("_bytes") or key == "memory_budget"
+        print(f"{key:>18}: {readable_bytes(int(value)) if size else value}")
     for path, cause in failures.items():
         print(f"{'failed':>18}: {path}: {cause}")
 

@@ -10,11 +10,14 @@ searching with another model is refused.
 from __future__ import annotations
 
 import datetime
+import functools
 import io
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 from PIL import Image
@@ -64,9 +67,21 @@ class RemoveReport:
     unmatched: list[str]
 
 
+def _locked(method: Callable) -> Callable:
+    """Run the method under the index's lock: one index may serve several threads (a server's workers)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class Index:
     """An open index. ``model`` (a loaded model, a model source, or None: the recorded one, loaded when a query
-    needs it) must be the model that built the index."""
+    needs it) must be the model that built the index. Its methods may be called from several threads (they take
+    turns)."""
 
     def __init__(self, folder: Path, store: MetadataStore, backend: FaissBackend | MilvusBackend, model: Any = None):
         self.folder, self.store, self.backend = folder, store, backend
@@ -74,6 +89,7 @@ class Index:
         self.num_queries, self.dim = int(self.settings["num_queries"]), int(self.settings["dim"])
         self._model = None
         self._reranker: Reranker | None = None
+        self._lock = threading.RLock()
         self.removed = store.removed_mask(store.slots())
         if model is not None:
             self.use_model(model)
@@ -81,7 +97,7 @@ class Index:
     # ---- opening and creating --------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, folder: str | Path, model: Any = None, *, writable: bool = False) -> "Index":
+    def open(cls, folder: str | Path, model: Any = None, *, writable: bool = False) -> Index:
         """Open an existing index (``writable`` to add or remove; it then tidies what a killed writer left)."""
         folder = Path(folder)
         store = MetadataStore.open(folder / DATABASE)
@@ -89,35 +105,36 @@ class Index:
             return cls(folder, store, _open_backend(folder, store, writable), model)
 
     @classmethod
-    def build(cls, sources: list[str], folder: str | Path, model: Any, *, backend: Backends = "faiss",
+    def build(cls, sources: list[str], folder: str | Path, model: Any, *, backend: Backends | None = None,
               uri: str | None = None, collection: str | None = None, index_type: str | None = None,
               memory_budget: str | int | None = None, batch_size: int = 32,
-              progress: bool = True) -> tuple["Index", BuildReport]:
+              progress: bool = True) -> tuple[Index, BuildReport]:
         """Index ``sources`` into ``folder``, creating the index or resuming it (files already indexed are
         skipped); then (re)build the backend's search index. -> (the open index, what happened).
 
-        index_type: "auto" (the default for a new index), "flat", "hnsw" or "ivfpq"; memory_budget: bytes or "8G"
-        (default: half this machine's memory). Given when resuming, they replace the recorded ones.
+        backend: "faiss" (the default for a new index) or "milvus" (``uri``: a server; default milvus-lite in the
+        folder). index_type: "auto" (the default for a new index), "flat", "hnsw" or "ivfpq"; memory_budget: bytes
+        or "8G" (default: half this machine's memory). Given when resuming, they replace the recorded ones.
         """
         folder = Path(folder)
         if index_type not in (None, *ann.KINDS):
             raise SearchIndexError(f"--index-type {index_type!r}: choose one of {', '.join(ann.KINDS)}")
         if (folder / DATABASE).exists():
             index = cls.open(folder, model, writable=True)
-            if index.settings["backend"] != backend:
+            if backend not in (None, index.settings["backend"]):
                 raise SearchIndexError(f"{folder} is a {index.settings['backend']} index, not {backend}: leave "
                                        f"--backend out to resume it, or build into a new --out folder")
             changes = {"index_type": index_type, "memory_budget": memory_budget and str(ann.parse_bytes(memory_budget))}
             index.store.set_meta({key: value for key, value in changes.items() if value})
             index.settings = index.store.meta()
         else:
-            index = cls._create(folder, model, backend, uri, collection, index_type or "auto",
+            index = cls._create(folder, model, backend or "faiss", uri, collection, index_type or "auto",
                                 ann.parse_bytes(memory_budget))
         return index, index.add(sources, batch_size=batch_size, progress=progress)
 
     @classmethod
     def _create(cls, folder: Path, model: Any, backend: str, uri: str | None, collection: str | None,
-                index_type: str, budget: int) -> "Index":
+                index_type: str, budget: int) -> Index:
         if folder.exists() and not folder.is_dir():
             raise SearchIndexError(f"--out {folder} is a file; give a folder for the index")
         if backend == "faiss" and (uri or collection):
@@ -148,6 +165,7 @@ class Index:
             self.use_model(self.settings["model"])
         return self._model
 
+    @_locked
     def use_model(self, model: Any) -> None:
         """Attach a model (or a source to load); refused unless it is the model that built the index."""
         source, model = _resolve_model(model)
@@ -163,6 +181,7 @@ class Index:
 
     # ---- writing ---------------------------------------------------------------------------------------
 
+    @_locked
     def add(self, sources: list[str], batch_size: int = 32, progress: bool = True) -> BuildReport:
         """Index the images of ``sources`` that are not indexed yet (see ``build.ingest``); then bring the
         backend's search index up to date."""
@@ -173,6 +192,7 @@ class Index:
             self.removed = self.store.removed_mask(self.store.slots())
         return report
 
+    @_locked
     def remove(self, paths: list[str]) -> RemoveReport:
         """Remove files (a path, a folder: all under it, a tar shard: its members). An image leaves the results
         when its last file goes; its vectors stay (searches skip them), so adding it again costs no encoding."""
@@ -184,6 +204,7 @@ class Index:
 
     # ---- searching ------------------------------------------------------------------------------------
 
+    @_locked
     def search(self, text: str | None = None, *, image: Any = None, k: int = 10, rerank: int = 0,
                candidates: int | None = None) -> list[Hit]:
         """The k best images for a text (text to image) or an image (image to image: a path or PIL image).
@@ -212,6 +233,7 @@ class Index:
             hits = self._rerank(text, hits, rerank)
         return hits[:k]
 
+    @_locked
     def search_vectors(self, query: np.ndarray, k: int = 10, candidates: int | None = None) -> list[Hit]:
         """The k best images for query vectors [m, E] (or [E]); no model needed."""
         query = np.asarray(query, np.float32).reshape(-1, np.shape(query)[-1])
@@ -224,16 +246,13 @@ class Index:
             ids, scores = top_images(self.backend, query, k, self.removed, need=need)
             return self._hits(ids, scores)
 
-    def _hits(self, ids: np.ndarray, scores: np.ndarray, itm: np.ndarray | None = None,
-              itc: np.ndarray | None = None) -> list[Hit]:
+    def _hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
         rows = self.store.describe(ids.tolist())
         hits = []
         for position, image_id in enumerate(ids.tolist()):
             row = rows[image_id]
             hits.append(Hit(
-                rank=position + 1, score=float(scores[position]),
-                itc=float(scores[position] if itc is None else itc[position]),
-                itm=None if itm is None or np.isnan(itm[position]) else float(itm[position]), image_id=image_id,
+                rank=position + 1, score=float(scores[position]), itc=float(scores[position]), itm=None, image_id=image_id,
                 path=row["path"], caption=row["caption"], sha256=row["sha256"], bytes=row["bytes"],
                 width=row["width"], height=row["height"], duplicates=row["duplicates"],
             ))  # fmt: skip
@@ -259,6 +278,7 @@ class Index:
         if not (~self.removed).any():
             raise SearchIndexError(f"{self.folder} holds no images: add some with blip2 index add {self.folder} SOURCE")
 
+    @_locked
     def read_image(self, image_id: int) -> Image.Image:
         """The image's pixels, read from its (first) file."""
         row = self.store.describe([image_id])[image_id]
@@ -277,6 +297,7 @@ class Index:
 
     # ---- describing and closing ------------------------------------------------------------------------
 
+    @_locked
     def info(self) -> dict[str, Any]:
         with readable(self.folder):
             settings = {key: value for key, value in self.store.meta().items() if not key.startswith("ann_")}
@@ -287,7 +308,7 @@ class Index:
         self.backend.close()
         self.store.close()
 
-    def __enter__(self) -> "Index":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

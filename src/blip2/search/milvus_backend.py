@@ -12,12 +12,14 @@ so adding the same content again needs no encoding; a rebuild reclaims the space
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
 from blip2.search.errors import SearchIndexError
 
 CONNECT_TIMEOUT = 10  # seconds
+INDEX_TIMEOUT = 3600  # seconds to wait for Milvus to build an index
 QUERY_LIMIT = 16_384  # Milvus returns at most this many rows (or groups) per request
 INSERT_ROWS = 4_096
 FLAT_MAX_VECTORS = 131_072  # as the FAISS backend: FLAT (exact) below, HNSW above
@@ -32,7 +34,7 @@ class MilvusBackend:
     grouped = True
 
     def __init__(self, uri: str, collection: str, num_queries: int, dim: int, slots: int, create: bool = False):
-        from pymilvus import MilvusClient
+        from pymilvus import MilvusClient  # imported here: it takes 1.6 s, which FAISS users need not pay
 
         self.uri, self.collection, self.num_queries, self.dim, self.slots = uri, collection, num_queries, dim, slots
         try:
@@ -47,6 +49,8 @@ class MilvusBackend:
         if not exists:
             self._create()
         self._check_dim()
+        if not self.client.list_indexes(collection):  # a writer killed while it switched index types
+            self.client.create_index(collection, self._index_params("FLAT"))
         self.client.load_collection(collection)
         self.index_type = self._index_type()
 
@@ -99,13 +103,13 @@ class MilvusBackend:
     def vectors(self, image_ids: np.ndarray) -> np.ndarray:
         """Exact vectors of the images, read back from the collection: [len, Q, E]."""
         out = np.zeros((len(image_ids), self.num_queries, self.dim), np.float32)
-        position = {int(image): row for row, image in enumerate(image_ids)}
-        step = max(1, QUERY_LIMIT // self.num_queries)
-        for start in range(0, len(image_ids), step):
-            chunk = ",".join(str(int(i)) for i in image_ids[start:start + step])
-            for hit in self.client.query(self.collection, filter=f"image_id in [{chunk}]",
-                                         output_fields=["id", "image_id", "vector"]):
-                out[position[hit["image_id"]], hit["id"] % self.num_queries] = hit["vector"]
+        ids = (np.asarray(image_ids, np.int64)[:, None] * self.num_queries + np.arange(self.num_queries)).ravel()
+        position = {vector_id: row for row, vector_id in enumerate(ids.tolist())}
+        rows = out.reshape(-1, self.dim)  # a view: [len * Q, E]
+        for start in range(0, len(ids), QUERY_LIMIT):  # by primary key: fast, unlike a filter on image_id
+            for found in self.client.get(self.collection, ids=ids[start:start + QUERY_LIMIT].tolist(),
+                                         output_fields=["vector"]):
+                rows[position[found["id"]]] = found["vector"]
         return out
 
     def append(self, first_slot: int, vectors: np.ndarray) -> None:
@@ -123,16 +127,33 @@ class MilvusBackend:
         self.client.delete(self.collection, filter=f"image_id >= {self.slots}")
 
     def sync(self, kind: str, budget: int, progress: bool = True) -> None:
-        """Switch the collection's vector index to the kind its size calls for (FLAT when small, else HNSW)."""
+        """Seal what was inserted; switch the collection's vector index to the kind its size calls for (FLAT when
+        small, else HNSW)."""
         if kind == "auto":
             kind = "flat" if self.slots * self.num_queries <= FLAT_MAX_VECTORS else "hnsw"
+        from pymilvus import MilvusException
+
         wanted = INDEX_TYPES[kind]
+        self.client.flush(self.collection)  # sealed segments: searching growing ones is ten times slower
         if wanted != self.index_type:
             self.client.release_collection(self.collection)
             self.client.drop_index(self.collection, "vector")
-            self.client.create_index(self.collection, self._index_params(wanted))
+            try:
+                self.client.create_index(self.collection, self._index_params(wanted))
+            except MilvusException as error:  # pymilvus retried a long call whose first try went on building it
+                if "already exists" not in str(error):
+                    raise
+            self._wait_until_indexed()
             self.client.load_collection(self.collection)
             self.index_type = wanted
+
+    def _wait_until_indexed(self) -> None:
+        deadline = time.monotonic() + INDEX_TIMEOUT
+        while self.client.describe_index(self.collection, "vector").get("state") != "Finished":
+            if time.monotonic() > deadline:
+                raise SearchIndexError(f"Milvus did not finish indexing {self.collection!r} in {INDEX_TIMEOUT} s; "
+                                       "rerun the command to wait again")
+            time.sleep(1)
 
     def describe(self) -> dict:
         return {"milvus_uri": self.uri, "collection": self.collection, "milvus_index": self.index_type,

@@ -71,8 +71,8 @@ class MetadataStore:
         self.db = connection
 
     @classmethod
-    def create(cls, path: Path, meta: dict[str, str]) -> "MetadataStore":
-        db = sqlite3.connect(path)
+    def create(cls, path: Path, meta: dict[str, str]) -> MetadataStore:
+        db = sqlite3.connect(path, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         with db:
             db.executescript(SCHEMA)
@@ -80,14 +80,14 @@ class MetadataStore:
         return cls(path, db)
 
     @classmethod
-    def open(cls, path: Path) -> "MetadataStore":
+    def open(cls, path: Path) -> MetadataStore:
         """Open an existing database; a missing, foreign or damaged one raises ``SearchIndexError``."""
         folder = path.parent
         if not path.is_file():
             what = "does not exist" if not folder.exists() else "holds no index (no index.db)"
             raise SearchIndexError(f"{folder} {what}: build one with blip2 index build SOURCE --out {folder}")
         try:
-            db = sqlite3.connect(f"file:{path}?mode=rw", uri=True)
+            db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             found = dict(db.execute("SELECT key, value FROM meta").fetchall()).get("format")
             db.execute("SELECT MAX(id) FROM images").fetchone()
@@ -188,7 +188,9 @@ class MetadataStore:
         return rows
 
     def counts(self) -> dict[str, int]:
-        one = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
+        def one(sql: str) -> int:
+            return self.db.execute(sql).fetchone()[0]
+
         return {
             "images": one("SELECT COUNT(*) FROM images WHERE removed = 0"),
             "files": one("SELECT COUNT(*) FROM files"),

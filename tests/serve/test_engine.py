@@ -1,0 +1,290 @@
+"""The engine: every request's text equals what the model returns for it alone (ChatSession, caption, answer),
+whatever else is in the batch and whenever it arrives; the image and prefix caches skip work; sampling, stop strings,
+max tokens, cancelling, a full queue and over-long prompts."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import pytest
+
+from blip2.infer.decoding import GenerationOptions
+from blip2.serve.engine import Delta, Engine, Finished, QueueFull
+from blip2.serve.prompts import Message, UserImage
+
+WORDS = "a photo of cat dog the is on mat what color red blue".split()
+QUESTIONS = ["what is on the mat", "what color is the cat", "is the dog red", "a photo of what"]
+
+
+def image(data: bytes) -> UserImage:
+    return UserImage.from_bytes(data, max_pixels=10**7)
+
+
+def user(text: str, *images: UserImage) -> Message:
+    return Message("user", text, tuple(images))
+
+
+def drain(engine: Engine) -> None:
+    while engine.busy:
+        engine.step()
+
+
+def text_of(handle) -> Finished:
+    """Check that the streamed pieces join to the final text; return the final event."""
+    events = list(handle.events())
+    assert all(isinstance(e, Delta) for e in events[:-1]) and isinstance(events[-1], Finished)
+    assert "".join(e.text for e in events[:-1]) == events[-1].text
+    return events[-1]
+
+
+def submit(engine, messages, prompt_format="chat", stop=(), **gen):
+    return engine.submit(engine.prompt(messages, prompt_format), GenerationOptions(**gen), list(stop))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "t5"])
+def test_each_reply_equals_the_model_alone_whatever_shares_the_batch(tiny_model, pngs, family):
+    model = tiny_model(family)
+    engine = Engine(model, max_batch=3, max_queue=8)
+    images = [image(data) for data in pngs]
+    lengths = [12, 4, 9, 7]  # rows leave at different steps
+    sessions = [model.chat(images[i % 3].image) for i in range(4)]
+    conversations = [[user(QUESTIONS[i], images[i % 3])] for i in range(4)]
+    for turn in range(2):
+        handles = [submit(engine, conversations[0], max_new_tokens=lengths[0])]
+        engine.step()
+        engine.step()
+        handles.append(submit(engine, conversations[1], max_new_tokens=lengths[1]))  # joins a running batch
+        engine.step()
+        handles += [submit(engine, conversations[i], max_new_tokens=lengths[i]) for i in (2, 3)]  # one waits
+        drain(engine)
+        replies = [text_of(handle) for handle in handles]
+        for i, (session, reply) in enumerate(zip(sessions, replies)):
+            expected = session.ask(conversations[i][-1].text, max_new_tokens=lengths[i])
+            assert reply.text == expected, f"turn {turn}, conversation {i}"
+            assert reply.usage.completion_tokens == session.last_stats.generated_tokens
+            assert reply.usage.prompt_tokens == session.last_stats.prompt_tokens
+            conversations[i] += [Message("assistant", reply.text), user(QUESTIONS[(i + turn + 1) % 4])]
+    assert engine.stats.max_batch_seen == 3
+    texts = [text for session in sessions for role, text in session.history if role == "assistant"]
+    assert len(set(texts)) > 2, "degenerate replies prove little"
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_a_busy_engine_stays_exact(tiny_model, pngs, family):
+    """Sixteen requests of random lengths arriving at random steps into five rows: rows leave and are replaced,
+    longer prompts join shorter ones, the storage is rebuilt; every answer is still the model's alone."""
+    model = tiny_model(family)
+    engine = Engine(model, max_batch=5, max_queue=16)
+    rng = random.Random(0)
+    images = [image(data) for data in pngs]
+    requests = []
+    for i in range(16):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))
+        requests.append((images[i % 3], words, rng.randint(1, 20)))
+    handles = []
+    for picture, question, length in requests:
+        handles.append(submit(engine, [user(question, picture)], "vqa", max_new_tokens=length))
+        for _ in range(rng.randint(0, 3)):
+            engine.step()
+    drain(engine)
+    for (picture, question, length), handle in zip(requests, handles):
+        assert text_of(handle).text == model.answer(picture.image, question, max_new_tokens=length)[0], question
+    assert engine.stats.max_batch_seen == 5
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_prompts_admitted_together_run_in_one_forward_and_equal_the_model_alone(tiny_model, pngs, family):
+    """Six prompts of different lengths, some extending a cached conversation and some not, run in one prefill
+    forward (padded), then a budget that splits them; every reply is still the model's alone."""
+    model = tiny_model(family)
+    images = [image(data) for data in pngs]
+    for budget in (10_000, 60):
+        engine = Engine(model, max_batch=8, prefill_budget=budget)
+        first = submit(engine, [user(QUESTIONS[0], images[0])], max_new_tokens=6)
+        drain(engine)
+        history = [user(QUESTIONS[0], images[0]), Message("assistant", text_of(first).text)]
+        cases = [(history + [user(QUESTIONS[1])], 5), ([user(QUESTIONS[2], images[1])], 9),
+                 ([user(" ".join(WORDS * 3), images[2])], 4), (history + [user(QUESTIONS[3])], 7),
+                 ([user("red", images[0])], 8), ([user(QUESTIONS[1], images[2])], 3)]  # fmt: skip
+        before = engine.stats.prefill_forwards
+        handles = [submit(engine, messages, max_new_tokens=n) for messages, n in cases]
+        drain(engine)
+        forwards = engine.stats.prefill_forwards - before
+        assert forwards == 1 if budget == 10_000 else 1 < forwards < len(cases)
+        replies = [text_of(handle) for handle in handles]
+        for (messages, n), reply in zip(cases, replies):
+            session = model.chat(messages[0].images[0].image)
+            for message in messages[:-1]:
+                if message.role == "user":
+                    session.ask(message.text, max_new_tokens=6)
+            assert reply.text == session.ask(messages[-1].text, max_new_tokens=n), (budget, messages[-1])
+        assert replies[0].usage.cached_tokens > len(history) and replies[3].usage.cached_tokens > len(history)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "t5"])
+def test_captions_and_answers_equal_model_generate(tiny_model, pngs, family):
+    model = tiny_model(family)
+    engine = Engine(model, max_batch=4)
+    images = [image(data) for data in pngs]
+    handles = [submit(engine, [user("", images[0])], "vqa", max_new_tokens=10)]
+    engine.step()
+    handles.append(submit(engine, [user(QUESTIONS[0], images[1])], "vqa", max_new_tokens=6))
+    engine.step()
+    handles.append(submit(engine, [user("", images[2])], "vqa", max_new_tokens=8))
+    drain(engine)
+    caption, answer, caption2 = (text_of(h).text for h in handles)
+    assert caption == model.caption(images[0].image, max_new_tokens=10)[0]
+    assert answer == model.answer(images[1].image, QUESTIONS[0], max_new_tokens=6)[0]
+    assert caption2 == model.caption(images[2].image, max_new_tokens=8)[0]
+
+
+def test_a_later_turn_reuses_the_conversation_cache_and_the_image_is_encoded_once(tiny_model, pngs, monkeypatch):
+    model = tiny_model("llama")
+    engine = Engine(model, max_batch=4)
+    photo = image(pngs[0])
+    encoded, positions = [], []
+    image_features, forward = model.image_features, model.llm.model.forward
+    monkeypatch.setattr(model, "image_features", lambda pixels: encoded.append(1) or image_features(pixels))
+    monkeypatch.setattr(model.llm.model, "forward",
+                        lambda *a, **k: positions.append(k["inputs_embeds"].shape[1]) or forward(*a, **k))
+    first = submit(engine, [user(QUESTIONS[0], photo)], max_new_tokens=6)
+    drain(engine)
+    reply = text_of(first)
+    assert reply.usage.cached_tokens == 0 and encoded == [1]
+    conversation = [user(QUESTIONS[0], photo), Message("assistant", reply.text), user(QUESTIONS[1])]
+    prompt = engine.prompt(conversation)
+    positions.clear()
+    second = engine.submit(prompt, GenerationOptions(max_new_tokens=6))
+    drain(engine)
+    usage = text_of(second).usage
+    assert encoded == [1], "the second turn's image came from the image cache"
+    assert usage.cached_tokens >= reply.usage.prompt_tokens  # the whole first prompt, and the reply as re-tokenized
+    assert positions[0] == usage.prompt_tokens - usage.cached_tokens  # only the rest of the prompt ran
+    assert positions[1:] == [1] * (usage.completion_tokens - 1)
+    session = model.chat(photo.image)
+    session.ask(QUESTIONS[0], max_new_tokens=6)
+    third = submit(engine, conversation, max_new_tokens=6)
+    drain(engine)
+    assert text_of(third).text == session.ask(QUESTIONS[1], max_new_tokens=6)
+    assert engine.images.hits >= 2 and engine.prefixes.hits >= 2
+
+
+def test_another_user_with_the_same_image_reuses_its_prefix(tiny_model, pngs):
+    model = tiny_model("llama")
+    engine = Engine(model)
+    photo = image(pngs[1])
+    submit(engine, [user(QUESTIONS[0], photo)], max_new_tokens=3)
+    drain(engine)
+    handle = submit(engine, [user(QUESTIONS[2], photo)], max_new_tokens=3)
+    drain(engine)
+    prompt = engine.prompt([user(QUESTIONS[2], photo)])
+    shared = prompt.ids.index(-1) + model.num_visual  # system prompt, "user", the image
+    assert text_of(handle).usage.cached_tokens >= shared
+    other = submit(engine, [user(QUESTIONS[2], image(pngs[2]))], max_new_tokens=3)
+    drain(engine)
+    assert text_of(other).usage.cached_tokens == prompt.ids.index(-1)  # another image: only what precedes it
+
+
+def test_seeded_sampling_equals_the_session_and_depends_on_the_seed(tiny_model, pngs):
+    model = tiny_model("llama")
+    engine = Engine(model)
+    photo = image(pngs[0])
+    gen = dict(do_sample=True, temperature=1.5, top_p=0.9, max_new_tokens=10)
+    handles = [submit(engine, [user(QUESTIONS[0], photo)], seed=seed, **gen) for seed in (1, 2, 3)]
+    handles.append(submit(engine, [user(QUESTIONS[1], photo)], max_new_tokens=10))  # greedy in the same batch
+    drain(engine)
+    texts = [text_of(h).text for h in handles]
+    for seed, text in zip((1, 2, 3), texts):
+        assert text == model.chat(photo.image).ask(QUESTIONS[0], seed=seed, **gen)
+    assert len(set(texts[:3])) > 1
+
+
+def test_stop_strings_cut_the_reply_and_max_tokens_ends_it(tiny_model, pngs):
+    model = tiny_model("opt")
+    engine = Engine(model)
+    photo = image(pngs[0])
+    full = submit(engine, [user(QUESTIONS[0], photo)], max_new_tokens=12)
+    drain(engine)
+    full = text_of(full)
+    words = full.text.split()
+    assert len(words) >= 4 and full.finish_reason == "length" and full.usage.completion_tokens == 12
+    stop = " ".join(words[2:4])
+    cut = submit(engine, [user(QUESTIONS[0], photo)], stop=["zzz", stop], max_new_tokens=12)
+    drain(engine)
+    cut = text_of(cut)
+    assert cut.text == full.text[: full.text.index(stop)].rstrip() and cut.finish_reason == "stop"
+    assert cut.usage.completion_tokens < 12
+
+
+def test_a_cancelled_request_frees_its_row_at_the_next_step(tiny_model, pngs):
+    engine = Engine(tiny_model("llama"), max_batch=1, max_queue=1)
+    photo = image(pngs[0])
+    first = submit(engine, [user(QUESTIONS[0], photo)], max_new_tokens=200)
+    second = submit(engine, [user(QUESTIONS[1], photo)], max_new_tokens=3)
+    with pytest.raises(QueueFull) as full:
+        submit(engine, [user(QUESTIONS[2], photo)], max_new_tokens=3)
+    assert full.value.retry_after >= 1
+    engine.step()
+    assert engine.running == 1 and engine.waiting == 1
+    first.cancel()
+    engine.step()
+    assert engine.running <= 1 and engine.waiting == 0  # the second request took the row
+    drain(engine)
+    events = list(first.events())
+    assert events[-1].finish_reason == "cancelled" and events[-1].usage.completion_tokens < 10
+    assert text_of(second).finish_reason in ("stop", "length")
+
+
+def test_over_long_prompts_are_refused_with_the_counts(tiny_model, pngs):
+    engine = Engine(tiny_model("llama"))
+    with pytest.raises(ValueError, match=r"the prompt is \d+ tokens .* context of 256 tokens"):
+        submit(engine, [user(" ".join(["cat"] * 200), image(pngs[0]))], max_new_tokens=100)
+
+
+def test_the_engine_thread_serves_threads_and_asyncio_at_once(tiny_model, pngs):
+    model = tiny_model("llama")
+    engine = Engine(model, max_batch=2).start()
+    photo = image(pngs[0])
+    results = {}
+
+    def worker(i):
+        results[i] = submit(engine, [user(QUESTIONS[i], photo)], max_new_tokens=8).result().text
+
+    async def streamed():
+        handle = submit(engine, [user(QUESTIONS[3], photo)], max_new_tokens=8)
+        return "".join([event.text async for event in handle.aevents() if isinstance(event, Delta)])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    results[3] = asyncio.run(streamed())
+    for thread in threads:
+        thread.join()
+    assert engine.call(lambda: 41 + 1).result() == 42
+    engine.stop()
+    for i, text in results.items():
+        assert text == model.chat(photo.image).ask(QUESTIONS[i], max_new_tokens=8)
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(tiny_model, pngs, monkeypatch):
+    model = tiny_model("llama")
+    engine = Engine(model).start()
+    forward, broken = model.llm.model.forward, {"when": None}
+
+    def failing(*args, **kwargs):
+        if broken["when"] is not None and broken["when"](kwargs["inputs_embeds"].shape[1]):
+            raise RuntimeError("the device fell over")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.llm.model, "forward", failing)
+    for when, data in [(lambda positions: positions == 1, pngs[0]), (lambda positions: positions > 1, pngs[2])]:
+        broken["when"] = when  # a decode step fails, then a prompt's forward
+        with pytest.raises(RuntimeError, match="fell over"):
+            submit(engine, [user(QUESTIONS[0], image(data))], max_new_tokens=5).result()
+        assert engine.running == 0
+        broken["when"] = None
+        assert submit(engine, [user(QUESTIONS[1], image(pngs[0]))], max_new_tokens=5).result().usage.completion_tokens
+    assert engine.stats.failed == 2
+    engine.stop()
