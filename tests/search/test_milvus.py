@@ -76,3 +76,30 @@ def test_uncommitted_rows_are_dropped_and_other_index_types_work(models, photos,
     assert Index.build([str(photos)], out, str(models["a"]), progress=False)[1].unchanged == 13  # resumed
     with pytest.raises(SearchIndexError, match="cannot reach Milvus at http://127.0.0.1:9"):
         Index.build([str(photos)], tmp_path / "server", str(models["a"]), backend="milvus", uri="http://127.0.0.1:9")
+
+
+def test_exact_milvus_search_is_brute_force_when_group_by_returns_fewer_groups(tmp_path):
+    """Images of 32 near-identical vectors: Milvus's group-by examines the best vectors, which few images fill,
+    and returns fewer groups than asked; the search widens until the bound proves the top k."""
+    from blip2.search.milvus_backend import MilvusBackend
+    from blip2.search.reduce import top_images
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((300, 16))
+    vectors = centres[:, None, :] + 0.01 * rng.standard_normal((300, 32, 16))
+    vectors = (vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)).astype(np.float32)  # [300, 32, 16]
+    backend = MilvusBackend(str(tmp_path / "milvus.db"), "tight", 32, 16, 0, create=True)
+    backend.append(0, vectors)
+    backend.sync("flat", 2**30)
+    query = vectors[7, 3:4]
+    _, ids = backend.search(query, 10)
+    assert (ids[0] >= 0).sum() < 10  # what makes this test bite
+    removed = np.zeros(300, bool)
+    removed[[11, 12]] = True
+    brute = np.einsum("nqe,me->nqm", vectors.astype(np.float64), query.astype(np.float64)).max(axis=1).mean(axis=1)
+    for k in (1, 10, 25):
+        found, scores = top_images(backend, query, k, removed)
+        alive = np.flatnonzero(~removed)
+        expected = alive[np.lexsort((alive, -brute[alive]))][:k]
+        np.testing.assert_array_equal(found, expected)
+        np.testing.assert_allclose(scores, brute[expected], atol=1e-12)

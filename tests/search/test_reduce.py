@@ -78,12 +78,15 @@ def test_exact_backend_ranks_as_brute_force_ties_by_image_id(tmp_path, first_fet
     assert ids[:4].tolist() == [7, 30, 100, 250] and len(set(scores.tolist())) == 1  # an exact four-way tie
 
 
-def test_image_queries_score_the_mean_of_each_query_vectors_best_match(tmp_path):
+@pytest.mark.parametrize("first_fetch", [None, 1])
+def test_image_queries_score_the_mean_of_each_query_vectors_best_match(tmp_path, first_fetch):
+    """An image that is never among any row's best vectors can still have the best mean: only the bound on
+    unseen images (the mean of the rows' last scores) makes the result exact."""
     vectors = collection()
     backend = backend_over(tmp_path, vectors)
     removed = np.zeros(len(vectors), bool)
-    for image in (0, 30, 123):
-        ids, scores = top_images(backend, vectors[image], 12, removed)
+    for image in (0, 30, 123, 200, 250):
+        ids, scores = top_images(backend, vectors[image], 12, removed, first_fetch=first_fetch)
         expected_ids, expected_scores = brute_force(vectors, vectors[image], removed, 12)
         np.testing.assert_array_equal(ids, expected_ids)
         np.testing.assert_allclose(scores, expected_scores, atol=1e-12)
@@ -115,3 +118,20 @@ def test_approximate_backends_find_the_exact_top_images_and_rescore_them(tmp_pat
         np.testing.assert_allclose(scores, exact_scores(query, vectors[ids]), atol=0)  # exact scores, best first
         assert np.all(np.diff(scores) <= 0)
     assert np.mean(found) >= 0.9
+
+
+def test_the_bound_finds_an_image_that_no_row_ranks_high(tmp_path):
+    """Query rows e0..e3. Forty images each match one row at 0.95 (and nothing else: mean 0.24); image 45
+    matches every row at 0.5 (mean 0.5) but is never among a row's best forty vectors. Only the bound on
+    unseen images keeps widening the request until it is seen."""
+    basis = np.eye(E, dtype=np.float32)
+    vectors = np.tile(basis[15], (60, Q, 1))  # background: orthogonal to every row
+    for image in range(40):
+        vectors[image, 0] = 0.95 * basis[image % 4] + np.sqrt(1 - 0.95**2) * basis[5 + image % 8]
+    vectors[45] = np.full(4, 0.5, np.float32) @ basis[:4]  # all four of its vectors: 0.5 with every row
+    backend = backend_over(tmp_path, unit(vectors))
+    query = basis[:4]
+    ids, scores = top_images(backend, query, 1, np.zeros(60, bool), first_fetch=4)
+    assert ids.tolist() == [45] and scores[0] == pytest.approx(0.5)
+    ids, _ = top_images(backend, query, 3, np.zeros(60, bool), first_fetch=4)
+    assert ids.tolist() == [45, 0, 1]  # then the 0.24 tie, broken by image id

@@ -64,13 +64,16 @@ def top_images(backend: Backend, query: np.ndarray, k: int, removed: np.ndarray,
         live = valid & (ids < len(removed))
         live[live] = ~removed[ids[live]]
         candidates = np.unique(ids[live])
-        exhausted = n >= limit or (backend.exact and bool((valid.sum(axis=1) < n).any()))
+        # a short row means every vector was returned (FAISS); a grouping backend may return fewer groups than
+        # asked (Milvus groups the vectors it examined), but always the best ones, in order
+        exhausted = n >= limit or (backend.exact and not backend.grouped and bool((valid.sum(axis=1) < n).any()))
         if len(candidates) >= need or exhausted:
             exact = exact_scores(query, backend.vectors(candidates))
             order = ranked(candidates, exact)[:k]
             if exhausted or not backend.exact:
                 return candidates[order], exact[order]
-            frontier = scores[:, -1].astype(np.float64).mean()  # every unseen image scores at most this (+ EPS)
+            last = np.where(valid.any(axis=1), scores[np.arange(len(scores)), valid.sum(axis=1) - 1], np.inf)
+            frontier = last.astype(np.float64).mean()  # every unseen image scores at most this (+ EPS)
             if frontier + EPS < exact[order[-1]]:
                 return candidates[order], exact[order]
         n *= WIDEN
