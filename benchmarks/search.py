@@ -281,8 +281,9 @@ def t2i_recall(index: Index, texts: list[str], owners: list[int], image_of_path:
 
 
 def shapes(model_source: str, rerank: int, limit: int | None, work: Path) -> None:
-    from blip2.data.datasets import read_records
     from blip2.eval.tasks import evaluate
+
+    from blip2.data.datasets import read_records
     from blip2.search import model_api
 
     data = ROOT / "data" / "shapes" / "test"

@@ -33,7 +33,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import torch
@@ -60,12 +59,13 @@ def baseline_app(directory: str):
     from fastapi.responses import StreamingResponse
     from PIL import Image
 
-    from blip2.infer.chat import IMAGE_ID, TemplateFormat
+    from blip2.data.conversation import IMAGE_ID, TemplateFormat
+    from blip2.data.text import LLMTokenizer
 
     model = transformers.Blip2ForConditionalGeneration.from_pretrained(directory, local_files_only=True).eval()
     processor = transformers.Blip2Processor.from_pretrained(directory, local_files_only=True)
     tokenizer = processor.tokenizer
-    layout = TemplateFormat(SimpleNamespace(tokenizer=tokenizer, model=model.language_model))
+    layout = TemplateFormat(LLMTokenizer(tokenizer, is_encoder_decoder=False))  # the token layout ours renders
     image_token, queries = model.config.image_token_id, model.config.num_query_tokens
     one_at_a_time = asyncio.Lock()
     app = FastAPI()
@@ -263,12 +263,12 @@ def idle_latency(directory: str, pictures, args, repeats: int) -> tuple[list[flo
     -> (engine seconds, generate seconds, tokens per reply)."""
     import common
 
-    from blip2.api import load as load_model
     from blip2.infer.decoding import GenerationOptions
+    from blip2.pipeline import load
     from blip2.serve.engine import Engine
     from blip2.serve.prompts import Message, UserImage
 
-    model = load_model(directory)
+    model = load(directory)
     engine = Engine(model, image_cache_bytes=0, prefix_cache_bytes=0)  # no cache: the same work as generate
     images = [UserImage.from_bytes(png(picture), 10**8) for picture in pictures]
     question, replies, tokens = QUESTIONS[0], {}, []

@@ -11,7 +11,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-NEEDED_BY_OTHERS = {"gguf", "accelerate", "tensorboard"}  # transformers' GGUF loading; torch.utils.tensorboard
+# transformers' GGUF loading; torch.utils.tensorboard; pymilvus's embedded Milvus Lite
+NEEDED_BY_OTHERS = {"gguf", "accelerate", "tensorboard", "milvus-lite"}
 
 
 def imported_modules() -> set[str]:

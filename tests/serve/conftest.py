@@ -1,33 +1,15 @@
-"""The serving tests reuse the inference tests' tiny random models (tests/infer/conftest.py: a Blip2VisionModel, a
+"""The serving tests use the shared tiny random pipelines (tests/conftest.py ``tiny_model``: a Blip2VisionModel, a
 MiniLM-tokenizer Q-Former, and a word-level Llama with a ChatML template, OPT or T5) and add images as file bytes."""
 
 from __future__ import annotations
 
-import importlib.util
-import io
-from pathlib import Path
-
 import pytest
-
-_spec = importlib.util.spec_from_file_location("infer_conftest", Path(__file__).parents[1] / "infer" / "conftest.py")
-_infer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_infer)
-
-tiny_model = _infer.tiny_model  # the fixture: tiny_model(family="llama" | "opt" | "t5", seed=0, ...)
-noise_image = _infer.noise_image
-WORDS = _infer.WORDS
-
-
-def png_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
-    buffer = io.BytesIO()
-    noise_image(seed, size).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture
-def pngs() -> list[bytes]:
-    """Three different small PNG files, as bytes."""
-    return [png_bytes(seed, size) for seed, size in enumerate([(40, 30), (32, 32), (50, 64)])]
+def pngs(image_files) -> list[bytes]:
+    """Three different small PNG files (tests/conftest.py ``image_files``), as bytes."""
+    return [path.read_bytes() for path in image_files]
 
 
 class LiveServer:

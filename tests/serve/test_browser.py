@@ -36,7 +36,7 @@ def test_upload_ask_and_watch_the_reply_stream(serve, pngs, tmp_path, monkeypatc
     photo = tmp_path / "photo.png"
     photo.write_bytes(pngs[0])
     question = "what is on the mat"
-    expected = engine.model.chat(UserImage.from_bytes(pngs[0], 10**7).image).ask(question, max_new_tokens=64)
+    expected = engine.pipe.chat(UserImage.from_bytes(pngs[0], 10**7).image).ask(question, max_new_tokens=64)
     assert len(expected.split()) >= 3
     shots = Path(os.environ.get("BLIP2_SCREENSHOTS") or tmp_path)
     with sync_api.sync_playwright() as playwright:

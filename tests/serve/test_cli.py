@@ -13,9 +13,10 @@ import time
 import httpx
 import pytest
 
-from blip2.api import build_model
 from blip2.cli import main
 from blip2.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from blip2.factory import build
+from blip2.pipeline import Blip2Pipeline
 
 TINY_QFORMER = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=64,
                     num_query_tokens=4, embed_dim=16, cross_attention_freq=1, init_from=None)  # fmt: skip
@@ -27,10 +28,10 @@ def checkpoint(tiny_parts, randomize, tmp_path):
     vision_dir, llm_dir = tiny_parts("opt")
     cfg = Blip2Config(vision=VisionConfig(kind="hf", path=str(vision_dir)), qformer=QFormerConfig(**TINY_QFORMER),
                       llm=LLMConfig(kind="hf", path=str(llm_dir)))  # fmt: skip
-    model = build_model(cfg, init_qformer=False)
-    for offset, part in enumerate([model.qformer, model.vision_norm, model.llm_proj]):
+    pipe = Blip2Pipeline.from_parts(build(cfg, init_qformer=False))
+    for offset, part in enumerate([pipe.model.qformer, pipe.model.vision_norm, pipe.model.llm_proj]):
         randomize(part, 10 + offset)
-    return model.save(tmp_path / "checkpoint")
+    return pipe.save(tmp_path / "checkpoint")
 
 
 def free_port() -> int:

@@ -45,11 +45,11 @@ def submit(engine, messages, prompt_format="chat", stop=(), **gen):
 
 @pytest.mark.parametrize("family", ["llama", "opt", "t5"])
 def test_each_reply_equals_the_model_alone_whatever_shares_the_batch(tiny_model, pngs, family):
-    model = tiny_model(family)
-    engine = Engine(model, max_batch=3, max_queue=8)
+    pipe = tiny_model(family)
+    engine = Engine(pipe, max_batch=3, max_queue=8)
     images = [image(data) for data in pngs]
     lengths = [12, 4, 9, 7]  # rows leave at different steps
-    sessions = [model.chat(images[i % 3].image) for i in range(4)]
+    sessions = [pipe.chat(images[i % 3].image) for i in range(4)]
     conversations = [[user(QUESTIONS[i], images[i % 3])] for i in range(4)]
     for turn in range(2):
         handles = [submit(engine, conversations[0], max_new_tokens=lengths[0])]
@@ -75,8 +75,8 @@ def test_each_reply_equals_the_model_alone_whatever_shares_the_batch(tiny_model,
 def test_a_busy_engine_stays_exact(tiny_model, pngs, family):
     """Sixteen requests of random lengths arriving at random steps into five rows: rows leave and are replaced,
     longer prompts join shorter ones, the storage is rebuilt; every answer is still the model's alone."""
-    model = tiny_model(family)
-    engine = Engine(model, max_batch=5, max_queue=16)
+    pipe = tiny_model(family)
+    engine = Engine(pipe, max_batch=5, max_queue=16)
     rng = random.Random(0)
     images = [image(data) for data in pngs]
     requests = []
@@ -90,7 +90,7 @@ def test_a_busy_engine_stays_exact(tiny_model, pngs, family):
             engine.step()
     drain(engine)
     for (picture, question, length), handle in zip(requests, handles):
-        assert text_of(handle).text == model.answer(picture.image, question, max_new_tokens=length)[0], question
+        assert text_of(handle).text == pipe.answer(picture.image, question, max_new_tokens=length)[0], question
     assert engine.stats.max_batch_seen == 5
 
 
@@ -98,10 +98,10 @@ def test_a_busy_engine_stays_exact(tiny_model, pngs, family):
 def test_prompts_admitted_together_run_in_one_forward_and_equal_the_model_alone(tiny_model, pngs, family):
     """Six prompts of different lengths, some extending a cached conversation and some not, run in one prefill
     forward (padded), then a budget that splits them; every reply is still the model's alone."""
-    model = tiny_model(family)
+    pipe = tiny_model(family)
     images = [image(data) for data in pngs]
     for budget in (10_000, 60):
-        engine = Engine(model, max_batch=8, prefill_budget=budget)
+        engine = Engine(pipe, max_batch=8, prefill_budget=budget)
         first = submit(engine, [user(QUESTIONS[0], images[0])], max_new_tokens=6)
         drain(engine)
         history = [user(QUESTIONS[0], images[0]), Message("assistant", text_of(first).text)]
@@ -115,7 +115,7 @@ def test_prompts_admitted_together_run_in_one_forward_and_equal_the_model_alone(
         assert forwards == 1 if budget == 10_000 else 1 < forwards < len(cases)
         replies = [text_of(handle) for handle in handles]
         for (messages, n), reply in zip(cases, replies):
-            session = model.chat(messages[0].images[0].image)
+            session = pipe.chat(messages[0].images[0].image)
             for message in messages[:-1]:
                 if message.role == "user":
                     session.ask(message.text, max_new_tokens=6)
@@ -125,8 +125,8 @@ def test_prompts_admitted_together_run_in_one_forward_and_equal_the_model_alone(
 
 @pytest.mark.parametrize("family", ["llama", "opt", "t5"])
 def test_captions_and_answers_equal_model_generate(tiny_model, pngs, family):
-    model = tiny_model(family)
-    engine = Engine(model, max_batch=4)
+    pipe = tiny_model(family)
+    engine = Engine(pipe, max_batch=4)
     images = [image(data) for data in pngs]
     handles = [submit(engine, [user("", images[0])], "vqa", max_new_tokens=10)]
     engine.step()
@@ -135,19 +135,19 @@ def test_captions_and_answers_equal_model_generate(tiny_model, pngs, family):
     handles.append(submit(engine, [user("", images[2])], "vqa", max_new_tokens=8))
     drain(engine)
     caption, answer, caption2 = (text_of(h).text for h in handles)
-    assert caption == model.caption(images[0].image, max_new_tokens=10)[0]
-    assert answer == model.answer(images[1].image, QUESTIONS[0], max_new_tokens=6)[0]
-    assert caption2 == model.caption(images[2].image, max_new_tokens=8)[0]
+    assert caption == pipe.caption(images[0].image, max_new_tokens=10)[0]
+    assert answer == pipe.answer(images[1].image, QUESTIONS[0], max_new_tokens=6)[0]
+    assert caption2 == pipe.caption(images[2].image, max_new_tokens=8)[0]
 
 
 def test_a_later_turn_reuses_the_conversation_cache_and_the_image_is_encoded_once(tiny_model, pngs, monkeypatch):
-    model = tiny_model("llama")
-    engine = Engine(model, max_batch=4)
+    pipe = tiny_model("llama")
+    engine = Engine(pipe, max_batch=4)
     photo = image(pngs[0])
     encoded, positions = [], []
-    image_features, forward = model.image_features, model.llm.model.forward
-    monkeypatch.setattr(model, "image_features", lambda pixels: encoded.append(1) or image_features(pixels))
-    monkeypatch.setattr(model.llm.model, "forward",
+    image_features, forward = pipe.model.image_features, pipe.model.llm.model.forward
+    monkeypatch.setattr(pipe.model, "image_features", lambda pixels: encoded.append(1) or image_features(pixels))
+    monkeypatch.setattr(pipe.model.llm.model, "forward",
                         lambda *a, **k: positions.append(k["inputs_embeds"].shape[1]) or forward(*a, **k))
     first = submit(engine, [user(QUESTIONS[0], photo)], max_new_tokens=6)
     drain(engine)
@@ -163,7 +163,7 @@ def test_a_later_turn_reuses_the_conversation_cache_and_the_image_is_encoded_onc
     assert usage.cached_tokens >= reply.usage.prompt_tokens  # the whole first prompt, and the reply as re-tokenized
     assert positions[0] == usage.prompt_tokens - usage.cached_tokens  # only the rest of the prompt ran
     assert positions[1:] == [1] * (usage.completion_tokens - 1)
-    session = model.chat(photo.image)
+    session = pipe.chat(photo.image)
     session.ask(QUESTIONS[0], max_new_tokens=6)
     third = submit(engine, conversation, max_new_tokens=6)
     drain(engine)
@@ -172,15 +172,15 @@ def test_a_later_turn_reuses_the_conversation_cache_and_the_image_is_encoded_onc
 
 
 def test_another_user_with_the_same_image_reuses_its_prefix(tiny_model, pngs):
-    model = tiny_model("llama")
-    engine = Engine(model)
+    pipe = tiny_model("llama")
+    engine = Engine(pipe)
     photo = image(pngs[1])
     submit(engine, [user(QUESTIONS[0], photo)], max_new_tokens=3)
     drain(engine)
     handle = submit(engine, [user(QUESTIONS[2], photo)], max_new_tokens=3)
     drain(engine)
     prompt = engine.prompt([user(QUESTIONS[2], photo)])
-    shared = prompt.ids.index(-1) + model.num_visual  # system prompt, "user", the image
+    shared = prompt.ids.index(-1) + pipe.model.num_visual  # system prompt, "user", the image
     assert text_of(handle).usage.cached_tokens >= shared
     other = submit(engine, [user(QUESTIONS[2], image(pngs[2]))], max_new_tokens=3)
     drain(engine)
@@ -188,8 +188,8 @@ def test_another_user_with_the_same_image_reuses_its_prefix(tiny_model, pngs):
 
 
 def test_seeded_sampling_equals_the_session_and_depends_on_the_seed(tiny_model, pngs):
-    model = tiny_model("llama")
-    engine = Engine(model)
+    pipe = tiny_model("llama")
+    engine = Engine(pipe)
     photo = image(pngs[0])
     gen = dict(do_sample=True, temperature=1.5, top_p=0.9, max_new_tokens=10)
     handles = [submit(engine, [user(QUESTIONS[0], photo)], seed=seed, **gen) for seed in (1, 2, 3)]
@@ -197,13 +197,13 @@ def test_seeded_sampling_equals_the_session_and_depends_on_the_seed(tiny_model, 
     drain(engine)
     texts = [text_of(h).text for h in handles]
     for seed, text in zip((1, 2, 3), texts):
-        assert text == model.chat(photo.image).ask(QUESTIONS[0], seed=seed, **gen)
+        assert text == pipe.chat(photo.image).ask(QUESTIONS[0], seed=seed, **gen)
     assert len(set(texts[:3])) > 1
 
 
 def test_stop_strings_cut_the_reply_and_max_tokens_ends_it(tiny_model, pngs):
-    model = tiny_model("opt")
-    engine = Engine(model)
+    pipe = tiny_model("opt")
+    engine = Engine(pipe)
     photo = image(pngs[0])
     full = submit(engine, [user(QUESTIONS[0], photo)], max_new_tokens=12)
     drain(engine)
@@ -216,6 +216,27 @@ def test_stop_strings_cut_the_reply_and_max_tokens_ends_it(tiny_model, pngs):
     cut = text_of(cut)
     assert cut.text == full.text[: full.text.index(stop)].rstrip() and cut.finish_reason == "stop"
     assert cut.usage.completion_tokens < 12
+
+
+def test_the_options_own_stop_rules_equal_the_session(tiny_model, pngs):
+    """GenerationOptions' rules, as ``decode_loop`` applies them: more stop tokens (``eos_token_id``), stop strings
+    (kept in the text), no stop token before ``min_new_tokens``."""
+    pipe = tiny_model("opt")
+    engine = Engine(pipe)
+    photo = image(pngs[0])
+    session = pipe.chat(photo.image)
+    words = session.ask(QUESTIONS[0], max_new_tokens=12).split()
+    ids = session.last_stats.reply_ids
+    cases = [dict(eos_token_id=ids[3]), dict(stop_strings=" ".join(words[2:4])),
+             dict(eos_token_id=ids[1], min_new_tokens=6)]  # fmt: skip
+    handles = [submit(engine, [user(QUESTIONS[0], photo)], max_new_tokens=12, **case) for case in cases]
+    drain(engine)
+    replies = [text_of(handle) for handle in handles]
+    for case, reply in zip(cases, replies):
+        assert reply.text == pipe.chat(photo.image).ask(QUESTIONS[0], max_new_tokens=12, **case), case
+    assert replies[0].finish_reason == "stop" and replies[0].usage.completion_tokens <= 4
+    assert replies[1].finish_reason == "stop" and replies[1].text.endswith(" ".join(words[2:4]))
+    assert replies[2].usage.completion_tokens >= 6
 
 
 def test_a_cancelled_request_frees_its_row_at_the_next_step(tiny_model, pngs):
@@ -244,8 +265,8 @@ def test_over_long_prompts_are_refused_with_the_counts(tiny_model, pngs):
 
 
 def test_the_engine_thread_serves_threads_and_asyncio_at_once(tiny_model, pngs):
-    model = tiny_model("llama")
-    engine = Engine(model, max_batch=2).start()
+    pipe = tiny_model("llama")
+    engine = Engine(pipe, max_batch=2).start()
     photo = image(pngs[0])
     results = {}
 
@@ -265,20 +286,20 @@ def test_the_engine_thread_serves_threads_and_asyncio_at_once(tiny_model, pngs):
     assert engine.call(lambda: 41 + 1).result() == 42
     engine.stop()
     for i, text in results.items():
-        assert text == model.chat(photo.image).ask(QUESTIONS[i], max_new_tokens=8)
+        assert text == pipe.chat(photo.image).ask(QUESTIONS[i], max_new_tokens=8)
 
 
 def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(tiny_model, pngs, monkeypatch):
-    model = tiny_model("llama")
-    engine = Engine(model).start()
-    forward, broken = model.llm.model.forward, {"when": None}
+    pipe = tiny_model("llama")
+    engine = Engine(pipe).start()
+    forward, broken = pipe.model.llm.model.forward, {"when": None}
 
     def failing(*args, **kwargs):
         if broken["when"] is not None and broken["when"](kwargs["inputs_embeds"].shape[1]):
             raise RuntimeError("the device fell over")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(model.llm.model, "forward", failing)
+    monkeypatch.setattr(pipe.model.llm.model, "forward", failing)
     for when, data in [(lambda positions: positions == 1, pngs[0]), (lambda positions: positions > 1, pngs[2])]:
         broken["when"] = when  # a decode step fails, then a prompt's forward
         with pytest.raises(RuntimeError, match="fell over"):

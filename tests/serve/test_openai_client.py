@@ -38,7 +38,7 @@ def test_chat_streaming_and_models(serve, pngs, image_message):
     messages = [image_message(QUESTIONS[0], pngs[0])]
     reply = api.chat.completions.create(model="tiny", messages=messages, max_tokens=10)
     picture = UserImage.from_bytes(pngs[0], 10**7).image
-    expected = engine.model.chat(picture).ask(QUESTIONS[0], max_new_tokens=10)
+    expected = engine.pipe.chat(picture).ask(QUESTIONS[0], max_new_tokens=10)
     assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.object == "chat.completion"
     assert reply.usage.prompt_tokens > engine.model.num_visual and 1 <= reply.usage.completion_tokens <= 10
@@ -58,7 +58,7 @@ def test_chat_streaming_and_models(serve, pngs, image_message):
 def test_a_three_turn_conversation_equals_a_chat_session_and_reuses_the_cache(serve, pngs, family, image_message):
     server, engine = serve(family)
     api = client(server)
-    session = engine.model.chat(UserImage.from_bytes(pngs[1], 10**7).image)
+    session = engine.pipe.chat(UserImage.from_bytes(pngs[1], 10**7).image)
     messages = [{"role": "system", "content": "you are a cat"}] if family == "llama" else []
     session.system = messages[0]["content"] if messages else None
     previous_prompt = 0
@@ -79,18 +79,18 @@ def test_embeddings_of_texts_and_images(serve, pngs, data_url):
     api = client(server)
     texts = ["a photo of a cat", "a red dog"]
     out = api.embeddings.create(model="tiny", input=texts)  # the client asks for base64 and decodes it
-    expected = engine.model.text_embeddings(texts)
+    expected = engine.pipe.text_embeddings(texts)
     got = torch.tensor([item.embedding for item in out.data])
     assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
-    assert out.usage.prompt_tokens == sum(len(ids) for ids in engine.model.tokenizer(texts)["input_ids"])
+    assert out.usage.prompt_tokens == sum(len(ids) for ids in engine.pipe.qformer_tokenizer(texts)["input_ids"])
     floats = api.embeddings.create(model="tiny", input=[texts[0], data_url(pngs[2])], encoding_format="float")
-    image = engine.model.image_embeddings(UserImage.from_bytes(pngs[2], 10**7).image)[0]  # [Q, E]
+    image = engine.pipe.image_embeddings(UserImage.from_bytes(pngs[2], 10**7).image)[0]  # [Q, E]
     assert torch.allclose(torch.tensor(floats.data[0].embedding), expected[0], atol=1e-6)
     assert torch.allclose(torch.tensor(floats.data[1].embedding), image.flatten(), atol=1e-6)
     raw = api.embeddings.with_raw_response.create(model="tiny", input="a cat", encoding_format="base64").http_response
     packed = base64.b64decode(raw.json()["data"][0]["embedding"])
     unpacked = torch.tensor(struct.unpack(f"<{len(packed) // 4}f", packed))
-    assert torch.allclose(unpacked, engine.model.text_embeddings(["a cat"])[0], atol=1e-6)
+    assert torch.allclose(unpacked, engine.pipe.text_embeddings(["a cat"])[0], atol=1e-6)
 
 
 def test_errors_the_client_raises(serve, pngs, image_message):

@@ -27,7 +27,7 @@ def test_chat_caption_and_new_image(serve, image_file, request):
     client = Client(server.url + "/", verbose=False)
     request.addfinalizer(client.close)
     picture = UserImage.from_bytes(image_file.read_bytes(), 10**7).image
-    session = engine.model.chat(picture)
+    session = engine.pipe.chat(picture)
     history, streamed = [], []
     for question in ["what is on the mat", "is the dog red"]:
         job = client.submit(question, history, handle_file(str(image_file)), 12, 0, "chat", api_name="/chat")
@@ -42,7 +42,7 @@ def test_chat_caption_and_new_image(serve, image_file, request):
         streamed.append(len(shown))
     assert streamed[0] >= 3  # the question at once, then the reply as it grows
     caption = client.predict(handle_file(str(image_file)), api_name="/caption")
-    assert caption == engine.model.caption(picture, max_new_tokens=30)[0]
+    assert caption == engine.pipe.caption(picture, max_new_tokens=30)[0]
     assert engine.images.misses == 1  # the image was encoded once for the chat and the caption
     cleared = client.predict(api_name="/new_image")
     assert cleared[1:] == ([], "", "")
@@ -59,5 +59,5 @@ def test_with_an_api_key_the_app_asks_for_it(serve, image_file, request):
     client = Client(server.url + "/", auth=("anyone", "sesame"), verbose=False)
     request.addfinalizer(client.close)
     picture = UserImage.from_bytes(image_file.read_bytes(), 10**7).image
-    assert client.predict(handle_file(str(image_file)), api_name="/caption") == engine.model.caption(
+    assert client.predict(handle_file(str(image_file)), api_name="/caption") == engine.pipe.caption(
         picture, max_new_tokens=30)[0]

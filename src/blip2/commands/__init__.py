@@ -3,7 +3,13 @@
 from blip2.commands.evaluation import capfilt, eval_
 from blip2.commands.inference import ask, caption, chat, embed
 from blip2.commands.model import info
-from blip2.commands.search import index_add, index_build, index_info, index_remove, search
+from blip2.commands.search import (
+            index_add,
+            index_build,
+            index_info,
+            index_remove,
+            search,
+)
 from blip2.commands.serve import serve
 from blip2.commands.training import cache_features, demo, plot, shapes, train
 from blip2.errors import InputError

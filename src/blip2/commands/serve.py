@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from blip2.api import load
+from blip2.errors import InputError
+from blip2.pipeline import load
 
 API_KEY_ENV = "BLIP2_API_KEY"
 
@@ -50,7 +51,7 @@ def serve(
     """
     import uvicorn  # the server's dependencies (FastAPI, uvicorn, httpx, Gradio) load only for this command
 
-    from blip2.serve.engine import MiB, Engine
+    from blip2.serve.engine import Engine, MiB
     from blip2.serve.http import ServerSettings, create_app
     from blip2.serve.media import MediaPolicy
 
@@ -60,17 +61,17 @@ def serve(
     if allowed_local_media_path is not None:
         local_root = Path(allowed_local_media_path).expanduser()
         if not local_root.is_dir():
-            raise ValueError(f"--allowed-local-media-path {allowed_local_media_path}: not a directory")
+            raise InputError(f"--allowed-local-media-path {allowed_local_media_path}: not a directory")
     policy = MediaPolicy(max_bytes=int(max_image_mb * MiB), max_pixels=max_image_pixels,
                          allow_remote=allow_remote_images, remote_timeout=remote_image_timeout,
                          local_root=local_root)  # fmt: skip
     settings = ServerSettings(model_name=model_name or model, api_key=api_key or os.environ.get(API_KEY_ENV) or None,
                               media=policy, max_images=max_images)  # fmt: skip
     print(f"loading {model} ...", file=sys.stderr, flush=True)
-    blip = load(model, device=device)
-    engine = Engine(blip, max_batch=max_batch_size, max_queue=max_queue, image_cache_bytes=image_cache_mb * MiB,
+    pipe = load(model, device=device)
+    engine = Engine(pipe, max_batch=max_batch_size, max_queue=max_queue, image_cache_bytes=image_cache_mb * MiB,
                     prefix_cache_bytes=prefix_cache_mb * MiB)  # fmt: skip
-    search_index = open_index(index, blip) if index is not None else None
+    search_index = open_index(index, pipe) if index is not None else None
     server_app = create_app(engine, settings, index=search_index, web_app=app)
     where = f"http://{host}:{port}"
     print(f"serving {settings.model_name!r} at {where}/v1" + (f" and the app at {where}/" if app else ""),
@@ -79,14 +80,14 @@ def serve(
     return 0
 
 
-def open_index(path: str, model):
-    """The search index at ``path``, searched with the served model if it built the index, else with the model
-    recorded in the index (loaded on the first search)."""
+def open_index(path: str, pipe):
+    """The search index at ``path``, searched with the served model (``pipe``) if it built the index, else with the
+    model recorded in the index (loaded on the first search)."""
     from blip2.search import Index, SearchIndexError
 
     found = Index.open(path)
     try:
-        found.use_model(model)
+        found.use_model(pipe)
     except SearchIndexError as error:
         print(f"--index {path}: {error}; searching with the model recorded in the index", file=sys.stderr)
     return found

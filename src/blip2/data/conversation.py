@@ -3,7 +3,8 @@
 Chat (``blip2.infer.chat``), the server's engine and chat training data all render conversations here, so what
 a model is trained on is exactly what it is later asked in. Two formats:
 
-SmolLM2-Instruct and other LLMs with a chat template (ChatML), the soft prompt opening the first user message::
+SmolLM2-Instruct and other LLMs with a chat template (ChatML), the soft prompt opening the first user message
+(the server may put several images in a conversation: ``images`` counts those opening each message)::
 
     <|im_start|>system\\nYou are a helpful AI assistant ...<|im_end|>\\n<|im_start|>user\\n
     [visual prompt]What is in the picture?<|im_end|>\\n<|im_start|>assistant\\n
@@ -18,6 +19,8 @@ control tokens, never what a user (or a dataset) wrote.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from blip2.data.text import LLMTokenizer
 from blip2.errors import InputError
 from blip2.prompts import vqa_template
@@ -29,17 +32,20 @@ _SLOT = "\x00blip2-message-{}\x00"  # stands for a message's text while the temp
 
 
 class TemplateFormat:
-    """The LLM's own chat template; the visual prompt starts the first user message, right before its text."""
+    """The LLM's own chat template; each image's visual prompt opens the message that carries it, right before its
+    text (by default one image, opening the first user message)."""
 
     def __init__(self, tokenizer: LLMTokenizer):
         self.tokenizer = tokenizer
 
-    def token_ids(self, messages: list[Message], num_visual: int, generation_prompt: bool = True) -> list[int]:
-        """``messages`` -> token ids; ``generation_prompt`` ends them with the glue that opens the reply."""
+    def token_ids(self, messages: list[Message], num_visual: int, generation_prompt: bool = True,
+                  images: Sequence[int] | None = None) -> list[int]:
+        """``messages`` -> token ids; ``generation_prompt`` ends them with the glue that opens the reply; ``images``:
+        how many images open each message (``num_visual`` positions each; default: one in the first user message)."""
         check_messages(messages)
+        counts = image_counts(messages, images)
         slots = [{"role": m["role"], "content": _SLOT.format(i)} for i, m in enumerate(messages)]
         text = self.tokenizer.hf.apply_chat_template(slots, tokenize=False, add_generation_prompt=generation_prompt)
-        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
         ids: list[int] = []
         for index, message in enumerate(messages):
             slot = _SLOT.format(index)
@@ -49,7 +55,7 @@ class TemplateFormat:
                     "the messages cannot be placed in it; use a model without this template"
                 )
             glue, text = text.split(slot)
-            ids += self._glue(glue) + [IMAGE_ID] * num_visual * (index == first_user) + self.tokenizer.ids(message["content"])
+            ids += self._glue(glue) + [IMAGE_ID] * (num_visual * counts[index]) + self.tokenizer.ids(message["content"])
         return ids + self._glue(text)
 
     def _glue(self, text: str) -> list[int]:
@@ -59,23 +65,38 @@ class TemplateFormat:
 
 class QuestionAnswerFormat:
     """No chat template: each turn is BLIP-2's VQA prompt ("Question: {} Answer:", "... Short answer:" for T5)
-    followed by the reply; turns are joined by spaces; the visual prompt comes first, then the text with the prompt's
-    special tokens (``LLMTokenizer.prompt_ids``: BOS first for OPT, EOS last for T5), as ``answer`` reads it."""
+    followed by the reply; turns are joined by spaces; the visual prompts come first, then the text with the prompt's
+    special tokens (``LLMTokenizer.prompt_ids``: BOS first for OPT, EOS last for T5), as ``answer`` reads it. A user
+    message without text asks nothing: an image alone reads as ``caption`` reads it."""
 
     def __init__(self, tokenizer: LLMTokenizer):
         self.tokenizer = tokenizer
         self.template = vqa_template(tokenizer.is_encoder_decoder)
 
-    def token_ids(self, messages: list[Message], num_visual: int) -> list[int]:
+    def token_ids(self, messages: list[Message], num_visual: int, images: Sequence[int] | None = None) -> list[int]:
+        """``messages`` -> token ids; ``images`` as for ``TemplateFormat`` (their visual prompts all go first)."""
         check_messages(messages)
-        parts = [self.template.replace("{}", m["content"]) if m["role"] == "user" else m["content"] for m in messages]
+        count = sum(image_counts(messages, images))
+        parts = [self.template.replace("{}", m["content"]) if m["role"] == "user" and m["content"] else m["content"]
+                 for m in messages]  # fmt: skip
         (text,) = self.tokenizer.prompt_ids([" ".join(part for part in parts if part)])  # BOS/EOS as for answers
-        return [IMAGE_ID] * num_visual + text
+        return [IMAGE_ID] * (num_visual * count) + text
 
 
 def conversation_format(tokenizer: LLMTokenizer) -> TemplateFormat | QuestionAnswerFormat:
     """The LLM's chat template when it has one, else BLIP-2's question-answer prompt."""
     return TemplateFormat(tokenizer) if tokenizer.chat_template else QuestionAnswerFormat(tokenizer)
+
+
+def image_counts(messages: list[Message], images: Sequence[int] | None) -> list[int]:
+    """How many images open each message: ``images`` checked, or (None) one opening the first user message."""
+    if images is None:
+        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        return [int(index == first_user) for index in range(len(messages))]
+    counts = list(images)
+    if len(counts) != len(messages) or not all(isinstance(n, int) and n >= 0 for n in counts):
+        raise InputError(f"images={counts}: give one image count (an integer >= 0) per message, {len(messages)} in all")
+    return counts
 
 
 def check_messages(messages: list[Message]) -> None:

@@ -34,7 +34,9 @@ class MilvusBackend:
     grouped = True
 
     def __init__(self, uri: str, collection: str, num_queries: int, dim: int, slots: int, create: bool = False):
-        from pymilvus import MilvusClient  # imported here: it takes 1.6 s, which FAISS users need not pay
+        from pymilvus import (
+            MilvusClient,  # imported here: it takes 1.6 s, which FAISS users need not pay
+        )
 
         self.uri, self.collection, self.num_queries, self.dim, self.slots = uri, collection, num_queries, dim, slots
         try:

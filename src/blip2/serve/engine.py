@@ -8,9 +8,9 @@ finished (EOS, ``max_new_tokens``, a stop string), so a long answer never holds 
 kept in the prefix cache for the conversation's next turn. Everything that touches the model runs in the engine's
 thread (``start``) or in the caller's, step by step (tests), never in both.
 
-Each row decodes exactly as ``ChatSession`` / ``model.generate`` decode it alone (the same choice of tokens,
-``decode_loop``'s rules: EOS or ``max_new_tokens`` end it, the last token is never fed); only the batched forward's
-rounding differs (``kv``).
+Each row decodes exactly as ``ChatSession`` / ``pipe.stream`` decode it alone (the same choice of tokens,
+``decode_loop``'s rules: a stop token (EOS), a stop string or ``max_new_tokens`` end it, the last token is never
+fed); only the batched forward's rounding differs (``kv``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from blip2.infer.chat import IMAGE_ID
-from blip2.infer.decoding import EncoderDecoderRunner, GenerationOptions, next_token
-from blip2.infer.generation import context_length
+from blip2.data.conversation import IMAGE_ID
+from blip2.errors import InputError
+from blip2.infer.decoding import (
+    EncoderDecoderRunner,
+    GenerationOptions,
+    ends_with_stop_string,
+    next_token,
+)
 from blip2.serve.caches import ImageCache, PrefixCache
 from blip2.serve.kv import DecoderBatch, EncoderDecoderBatch, check_batchable, prefill
 from blip2.serve.prompts import Message, Prompt, PromptFormat, UserImage, render
@@ -160,6 +165,7 @@ class _Job:
     prompt: Prompt
     key: list
     options: GenerationOptions
+    stop_ids: list[int]  # tokens that end the reply: EOS and ``options.eos_token_id``
     reply: ReplyText
     usage: Usage
     generator: torch.Generator | None
@@ -191,11 +197,11 @@ class Stats:
 
 
 class Engine:
-    """Owns ``model`` (a stage-2 ``Blip2Model``) and runs every request on it (see the module docstring)."""
+    """Owns ``pipe`` (a ``Blip2Pipeline`` of a stage-2 model) and runs every request on it (see the module docstring)."""
 
     def __init__(
         self,
-        model,
+        pipe,
         max_batch: int = 32,
         max_queue: int = 64,
         image_cache_bytes: int = 256 * MiB,
@@ -203,9 +209,11 @@ class Engine:
         prefill_budget: int = 512,
     ):
         if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.model = model
-        self.llm = model._require_llm()
+            raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.pipe = pipe
+        self.model = pipe.model
+        self.llm = pipe.model.require_llm()
+        self.tokenizer = pipe.llm_tokenizer
         check_batchable(self.llm)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -213,7 +221,7 @@ class Engine:
         self.images = ImageCache(image_cache_bytes)
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.stats = Stats()
-        self.context = context_length(self.llm)
+        self.context = self.llm.context_length()
         self._batch = EncoderDecoderBatch(self.llm) if self.llm.is_encoder_decoder else DecoderBatch(self.llm)
         self._rows: list[_Job] = []
         self._waiting: deque[_Job] = deque()
@@ -227,25 +235,26 @@ class Engine:
 
     def prompt(self, messages: list[Message], prompt_format: PromptFormat = "chat") -> Prompt:
         """The rendered prompt of a conversation (what ``submit`` runs)."""
-        return render(self.llm, messages, self.model.num_visual, prompt_format)
+        return render(self.tokenizer, messages, self.model.num_visual, prompt_format)
 
     def check_length(self, prompt: Prompt, max_new_tokens: int) -> None:
-        """Raise ValueError with the counts if the prompt and ``max_new_tokens`` do not fit the context window."""
+        """Raise InputError with the counts if the prompt and ``max_new_tokens`` do not fit the context window."""
         if self.context is not None and len(prompt.ids) + max_new_tokens > self.context:
-            raise ValueError(
+            raise InputError(
                 f"the prompt is {len(prompt.ids)} tokens ({prompt.ids.count(IMAGE_ID)} of them the image's); with "
                 f"max_tokens={max_new_tokens} that is {len(prompt.ids) + max_new_tokens}, more than the model's "
                 f"context of {self.context} tokens: shorten the conversation or lower max_tokens"
             )
 
     def submit(self, prompt: Prompt, options: GenerationOptions, stop: list[str] = ()) -> Handle:
-        """Queue a request (greedy or sampled; beams are refused). Raises ValueError, QueueFull or EngineClosed."""
+        """Queue a request (greedy or sampled; beams are refused). Raises InputError, QueueFull or EngineClosed."""
         if options.num_beams != 1:
-            raise ValueError("the engine decodes one sequence per request: num_beams must be 1")
+            raise InputError("the engine decodes one sequence per request: num_beams must be 1")
         self.check_length(prompt, options.max_new_tokens)
         handle = Handle(f"{next(self._ids)}")
-        job = _Job(handle, prompt, prompt.key(), options, ReplyText(self.llm.tokenizer, list(stop)),
-                   Usage(len(prompt.ids)), options.generator(self.model.device), time.monotonic())  # fmt: skip
+        job = _Job(handle, prompt, prompt.key(), options, options.stop_ids(self.tokenizer),
+                   ReplyText(self.tokenizer, list(stop)), Usage(len(prompt.ids)), options.generator(self.model.device),
+                   time.monotonic())  # fmt: skip
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is stopped")
@@ -426,13 +435,15 @@ class Engine:
     def _choose(self, job: _Job, logits: Tensor) -> str | None:
         """Pick ``job``'s next token from ``logits`` [1, V]; its finish reason, or None while it goes on."""
         generated = torch.tensor([job.tokens], dtype=torch.long, device=logits.device).reshape(1, -1)  # [1, T]
-        token = int(next_token(logits, job.options, generated, job.generator))
+        token = int(next_token(logits, job.options, generated, job.generator, job.stop_ids))
         job.tokens.append(token)
         self.stats.generated_tokens += 1
         piece = job.reply.add(token)
         if piece:
             job.handle.emit(Delta(piece))
-        if job.reply.stopped or token == self.llm.eos_token_id:
+        if job.reply.stopped or token in job.stop_ids:
+            return "stop"
+        if ends_with_stop_string(torch.tensor([job.tokens]), job.options, self.tokenizer):  # options.stop_strings
             return "stop"
         if len(job.tokens) == job.options.max_new_tokens:
             return "length"
@@ -453,19 +464,20 @@ class Engine:
     # ---- images ------------------------------------------------------------------------------------------------
 
     def visual_prompt(self, image: UserImage) -> Tensor:
-        """The image's visual prompt [V, H_llm], from the cache or the encoder + Q-Former (as ``ChatSession``)."""
+        """The image's visual prompt [V, H_llm], from the cache or the encoder + Q-Former (as ``ChatSession``: a
+        Q-Former that reads the prompt reads none, so one image has one visual prompt in every conversation)."""
         cached = self.images.get(("prompt", image.key))
         if cached is None:
-            pixel_values = self.model.pixel_values([image.image])
-            cached = self.model.soft_prompt(self.model.image_features(pixel_values))[0]
+            features = self.model.image_features(self.pipe.pixel_values([image.image]))  # [1, N, D]
+            cached = self.model.soft_prompt(features, *self.pipe.qformer_prompt_ids([""]))[0]
             self.images.put_tensor(("prompt", image.key), cached)
         return cached
 
     def itc_embedding(self, image: UserImage) -> Tensor:
-        """The image's normalised ITC embeddings [Q, E] (``model.image_embeddings``), cached too."""
+        """The image's normalised ITC embeddings [Q, E] (``pipe.image_embeddings``), cached too."""
         cached = self.images.get(("itc", image.key))
         if cached is None:
-            cached = self.model.image_embeddings([image.image])[0]
+            cached = self.pipe.image_embeddings([image.image])[0]
             self.images.put_tensor(("itc", image.key), cached)
         return cached
 

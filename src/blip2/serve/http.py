@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from blip2.infer.chat import CHAT_MAX_NEW_TOKENS, IMAGE_MARK
+from blip2.infer.chat import CHAT_MAX_NEW_TOKENS
 from blip2.serve import protocol
 from blip2.serve.engine import Delta, Engine, EngineClosed, Failed, Finished, QueueFull
 from blip2.serve.media import MediaError, MediaPolicy, fetch_image
@@ -156,7 +156,9 @@ def create_app(engine: Engine, settings: ServerSettings, index=None, web_app: bo
             return {"object": "list", "data": hits, "model": settings.model_name}
 
     if web_app:
-        from blip2.serve.webapp import mount_app  # gradio loads slowly: only when the app is served
+        from blip2.serve.webapp import (
+            mount_app,  # gradio loads slowly: only when the app is served
+        )
 
         mount_app(app, engine, settings, index)
     return app
@@ -188,9 +190,6 @@ async def to_messages(body: protocol.ChatCompletionRequest, settings: ServerSett
             else:
                 images.append(await _image(part.image_url.url, f"messages[{i}].content[{j}].image_url", settings))
         text = "\n".join(texts)
-        if IMAGE_MARK in text:
-            raise APIError(400, f"messages[{i}] contains {IMAGE_MARK!r}, which marks images internally: rephrase it",
-                           param=f"messages[{i}].content")  # fmt: skip
         if role != "system":
             text = text.strip()
         if role == "user" and not text and not images:
@@ -292,10 +291,10 @@ async def _embedding_input(item, i: int, settings: ServerSettings) -> str | User
 def _embed(engine: Engine, inputs: list) -> tuple[list, int]:
     """(vectors: texts [E], images [Q * E] (one E-vector per query, row after row; E = 256 in BLIP-2), Q-Former
     text tokens)."""
-    model = engine.model
+    pipe = engine.pipe
     texts = [item for item in inputs if isinstance(item, str)]
-    text_vectors = iter(model.text_embeddings(texts) if texts else [])
-    tokens = sum(len(ids) for ids in model.tokenizer(texts)["input_ids"]) if texts else 0
+    text_vectors = iter(pipe.text_embeddings(texts) if texts else [])
+    tokens = sum(len(ids) for ids in pipe.qformer_tokenizer(texts)["input_ids"]) if texts else 0
     vectors = [next(text_vectors) if isinstance(item, str) else engine.itc_embedding(item).flatten() for item in inputs]
     return [vector.float().cpu().tolist() for vector in vectors], tokens
 

@@ -25,7 +25,13 @@ from transformers import DynamicCache, EncoderDecoderCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput
 
-from blip2.infer.decoding import DecoderRunner, EncoderDecoderRunner, cache_name, forward_accepts
+from blip2.errors import InputError
+from blip2.infer.decoding import (
+    DecoderRunner,
+    EncoderDecoderRunner,
+    cache_name,
+    forward_accepts,
+)
 from blip2.models.language import FrozenLLM
 
 Layers = list[tuple[Tensor, Tensor]]  # per layer: keys, values [1, heads, L, head_dim]
@@ -36,7 +42,7 @@ def check_batchable(llm: FrozenLLM) -> None:
     config = llm.model.config.get_text_config(decoder=True)
     kinds = {type(layer).__name__ for layer in DynamicCache(config=config).layers}
     if kinds - {DynamicLayer.__name__}:
-        raise ValueError(
+        raise InputError(
             f"{type(llm.model).__name__} keeps {sorted(kinds)} cache layers; the engine batches only full-attention "
             "caches (DynamicLayer)"
         )

@@ -16,10 +16,11 @@ from urllib.parse import unquote, urlparse
 import httpx
 
 from blip2.data.images import DEFAULT_MAX_PIXELS, ImageError
+from blip2.errors import InputError
 from blip2.serve.prompts import UserImage
 
 
-class MediaError(ValueError):
+class MediaError(InputError):
     def __init__(self, message: str, status: int = 400):
         self.status = status
         super().__init__(message)
@@ -58,8 +59,9 @@ def decode(data: bytes, where: str, policy: MediaPolicy) -> UserImage:
     try:
         return UserImage.from_bytes(data, policy.max_pixels, name=where)
     except ImageError as error:
-        status = 413 if "max_pixels" in error.cause or "decompression bomb" in error.cause else 400
-        raise MediaError(str(error), status) from error
+        if "decompression bomb" in error.cause:  # over ``max_pixels``: the first clause says by how much
+            raise MediaError(f"{where}: {error.cause.split(';')[0]}: send a smaller image", 413) from error
+        raise MediaError(str(error)) from error
 
 
 def _data_url_bytes(url: str, where: str, policy: MediaPolicy) -> bytes:
