@@ -3,6 +3,8 @@ pipelines and small image files. The builders live in ``tiny.py``."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,17 @@ def tiny_blip2(tmp_path):
         return directory, hf_model
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def cli_logging_stays_in_its_test():
+    """`blip2.cli.main` configures logging on the stream a test captures; later tests must not write to it."""
+    handlers = logging.getLogger().handlers[:]
+    levels = {name: logging.getLogger(name).level for name in ("", "blip2")}
+    yield
+    logging.getLogger().handlers[:] = handlers
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(autouse=True)

@@ -102,7 +102,7 @@ def test_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
         raise AssertionError("pixels were decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", fail_decode)
-    with pytest.raises(ImageError, match=r"big.png: 100x50 = 5000 pixels is above max_pixels=4999"):
+    with pytest.raises(ImageError, match=r"big.png: 100x50 = 5000 pixels is above the limit of 4999"):
         load_image(path, max_pixels=4999)
 
 

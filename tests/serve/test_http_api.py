@@ -175,8 +175,9 @@ def test_a_client_that_goes_away_frees_its_row_at_once(serve, pngs, data_url, mo
             with http.stream("POST", "/v1/chat/completions", json=body) as response:
                 assert response.status_code == 200
                 next(response.iter_lines())  # the first chunk
-                while not engine.running:  # the request takes the only row
-                    time.sleep(0.01)
+                while not (engine.running or engine.stats.finished or engine.stats.failed):
+                    time.sleep(0.01)  # until the request takes the only row
+                assert engine.running, (engine.stats, next(response.iter_lines(), None))
         else:
             with pytest.raises(httpx.ReadTimeout):
                 http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(5.0, read=0.2))

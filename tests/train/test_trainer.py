@@ -323,10 +323,10 @@ def test_precision_and_fsdp_need_the_right_hardware(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="blip2.train"):
         trainer = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, precision="fp16"))
     assert trainer.autocast_dtype is None and "training in fp32 on cpu" in caplog.text
-    auto = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, precision="auto"))
+    auto = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, precision="auto", out_dir=str(tmp_path / "a")))
     assert auto.autocast_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
     with pytest.raises(InputError, match="torchrun"):
-        Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, fsdp=True))
+        Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path, fsdp=True, out_dir=str(tmp_path / "b")))
 
 
 def test_bf16_autocast_on_cpu_trains_fp32_weights(tmp_path):

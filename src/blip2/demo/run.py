@@ -60,6 +60,7 @@ def recipe_file(spec: str | Path) -> Path:
 
 SPECIFIC_CAPTION = 2  # the shapes world's most specific paraphrase (with sizes and positions): the retrieval query
 GROUNDING_CAPTION = 1  # "a red star on a grainy gray background": colours, shapes and background, what stage 1 learns
+CAPTION_METRICS = ("Bleu", "ROUGE_L", "CIDEr")  # the report's; METEOR (a JVM start per call) is `blip2 eval caption`'s
 SPLITS = ("test", "compositional")  # what the demo evaluates on
 
 
@@ -194,7 +195,8 @@ def evaluate_model(retrieval, generative, cfg: DemoConfig, features, limit: int,
                                                            caption_index=SPECIFIC_CAPTION, features=features)
         results[f"vqa_{split}"] = evaluate_vqa_task(generative, root / split, limit=limit, features=features,
                                                     prior=prior)
-        results[f"caption_{split}"] = evaluate_captioning(generative, root / split, limit=limit, features=features)
+        results[f"caption_{split}"] = evaluate_captioning(generative, root / split, limit=limit, features=features,
+                                                          metrics=CAPTION_METRICS)
         results[f"chat_{split}"] = evaluate_chat(generative, root / split, limit=max(limit // 3, 1), prior=prior)
     results["grounding"] = evaluate_grounding(generative, root / "test", limit=limit, caption_index=GROUNDING_CAPTION,
                                               features=features)
