@@ -30,6 +30,8 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
         assert {f"VQA accuracy{split}", f"chat accuracy{split}", f"CIDEr{split}", f"t2i R@1 (ITC+ITM){split}"} <= set(trained)
         assert 0.0 <= summary["blind prior"][f"VQA accuracy{split}"] <= 1.0
         assert 0.0 <= summary["blind prior"][f"chat accuracy{split}"] <= 1.0
+    assert set(metrics["trained"]["caption_test"]["metrics"]) >= {"Bleu_4", "CIDEr"}
+    assert "METEOR" not in metrics["trained"]["caption_test"]["metrics"]  # a JVM start per call: not for the demo
     chat = metrics["trained"]["chat_test"]
     assert trained["chat accuracy"] == chat["metrics"]["overall"] and chat["num_conversations"] == 1  # eval_limit 2 // 3
     assert len(metrics["chat"]) == 4 and all(turn["assistant"] is not None for turn in metrics["chat"])

@@ -23,6 +23,17 @@ LAST_REPLY = "() => { const all = document.querySelectorAll('#chatbot .bot-row .
 HANG_GUARD_MS = 300_000  # not a speed limit: only so that a broken page fails instead of hanging
 
 
+def upload_and_ask(page, url: str, photo: Path, question: str):
+    """Open the app in ``page``, upload ``photo`` and send ``question``; returns the page."""
+    page.set_default_timeout(HANG_GUARD_MS)
+    page.goto(url + "/")
+    page.locator("#image input[type=file]").set_input_files(str(photo))
+    page.wait_for_selector("#image img")
+    page.locator("#question textarea").fill(question)
+    page.locator("#question textarea").press("Enter")
+    return page
+
+
 def test_upload_ask_and_watch_the_reply_stream(serve, pngs, tmp_path, monkeypatch):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
     server, engine = serve("llama", web_app=True)
@@ -42,25 +53,15 @@ def test_upload_ask_and_watch_the_reply_stream(serve, pngs, tmp_path, monkeypatc
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 760})
-            page.set_default_timeout(HANG_GUARD_MS)
-            page.goto(server.url + "/")
-            page.locator("#image input[type=file]").set_input_files(str(photo))
-            page.wait_for_selector("#image img")
-            page.locator("#question textarea").fill(question)
-            page.locator("#question textarea").press("Enter")
+            laptop = browser.new_page(viewport={"width": 1280, "height": 760})
+            page = upload_and_ask(laptop, server.url, photo, question)
             page.wait_for_function(f"full => {{ const t = ({LAST_REPLY})(); return t.length > 0 && t !== full; }}",
                                    arg=expected)  # part of the reply, not all of it yet: it streams
             page.wait_for_function(f"full => ({LAST_REPLY})() === full", arg=expected)
             assert page.locator("#chatbot .user-row").last.inner_text().strip() == question
             page.screenshot(path=str(shots / "serve_app.png"))
-            phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
-            phone.set_default_timeout(HANG_GUARD_MS)
-            phone.goto(server.url + "/")
-            phone.locator("#image input[type=file]").set_input_files(str(photo))
-            phone.wait_for_selector("#image img")
-            phone.locator("#question textarea").fill(question)
-            phone.locator("#question textarea").press("Enter")
+            phone = upload_and_ask(browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True,
+                                                    has_touch=True), server.url, photo, question)  # fmt: skip
             phone.wait_for_function(f"full => ({LAST_REPLY})() === full", arg=expected)
             assert phone.evaluate("document.documentElement.scrollWidth") <= 390  # one column, no sideways scrolling
             phone.screenshot(path=str(shots / "serve_app_phone.png"), full_page=True)

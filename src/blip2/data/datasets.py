@@ -92,15 +92,15 @@ class CaptionDataset(Dataset):
         return order[slot % len(order)]
 
 
-class ChatDataset(Dataset):
-    """Map-style dataset of conversations about images. Items: {"image", "image_id", "messages"}."""
+class _RecordDataset(Dataset):
+    """Map-style dataset of one item per record (its image loaded by ``_record_image``); nothing varies per epoch."""
 
-    def __init__(self, records: list[ChatRecord], transform: Transform | None = None):
+    def __init__(self, records: list, transform: Transform | None = None):
         self.records = list(records)
         self.transform = transform
 
     def set_epoch(self, epoch: int) -> None:
-        """Nothing varies per epoch; present so every dataset here takes ``set_epoch``."""
+        """Present so every dataset here takes ``set_epoch``."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -108,39 +108,28 @@ class ChatDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
         record = self.records[index]
         image = _record_image(record, self.transform)
-        if isinstance(image, BadImage):
-            return image
-        return {"image": image, "image_id": record.image_id, "messages": [dict(m) for m in record.messages]}
+        return image if isinstance(image, BadImage) else {"image": image, **self.fields(record)}
+
+    def fields(self, record) -> dict[str, Any]:
+        raise NotImplementedError
 
 
-class VQADataset(Dataset):
-    """Map-style VQA dataset. Items: {"image", "question", "answers", "image_id", "question_id"}.
+class ChatDataset(_RecordDataset):
+    """Conversations about images. Items: {"image", "image_id", "messages"}."""
+
+    def fields(self, record: ChatRecord) -> dict[str, Any]:
+        return {"image_id": record.image_id, "messages": [dict(m) for m in record.messages]}
+
+
+class VQADataset(_RecordDataset):
+    """VQA questions. Items: {"image", "question", "answers", "image_id", "question_id"}.
 
     ``transform`` may be a ``FeatureCache``, as for ``CaptionDataset``.
     """
 
-    def __init__(self, records: list[VQARecord], transform: Transform | None = None):
-        self.records = list(records)
-        self.transform = transform
-
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing varies per epoch; present so every dataset here takes ``set_epoch``."""
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | BadImage:
-        record = self.records[index]
-        image = _record_image(record, self.transform)
-        if isinstance(image, BadImage):
-            return image
-        return {
-            "image": image,
-            "question": record.question,
-            "answers": list(record.answers),
-            "image_id": record.image_id,
-            "question_id": record.question_id,
-        }
+    def fields(self, record: VQARecord) -> dict[str, Any]:
+        return {"question": record.question, "answers": list(record.answers), "image_id": record.image_id,
+                "question_id": record.question_id}
 
 
 def open_dataset(
