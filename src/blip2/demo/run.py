@@ -111,7 +111,7 @@ class DemoConfig:
     stage2_steps: int | None = None  # each of stage 2's phases
     eval_limit: int = 60  # questions / captions generated per split (generation is the slow part on CPU)
     retrieval_k: int = 4  # ITM re-rank depth (the paper's 128 costs 128 Q-Former passes per query)
-    baseline_limit: int = 15  # the untrained model generates to the token limit: its items are the slow ones
+    baseline_limit: int = 10  # the untrained model generates to the token limit: its items are the slow ones
     retrain: bool = False
     full: bool = False
 

@@ -434,6 +434,7 @@ def _existence_question(scene: Scene, rng: random.Random, held: set[tuple[str, s
 # ------------------------------------------------------------------------------------------- chat
 
 OPENERS = ("describe the picture.", "what do you see?", "what is in this image?", "tell me about this picture.")
+DESCRIBED_SHARE = 0.5  # conversations that open with a description; the rest start with a question
 
 
 @dataclass(frozen=True)
@@ -496,11 +497,13 @@ def _follow_up(scene: Scene, question: Question, rng: random.Random) -> Turn | N
 def conversation(
     scene: Scene, rng: random.Random, held_out: tuple[tuple[str, str], ...] = HELD_OUT
 ) -> tuple[list[dict], list[Turn]]:
-    """A chat about ``scene`` as messages: asked to describe it, the assistant gives a caption; then the three
-    ``chat_turns``, answered in one word each. Returns (messages, turns)."""
+    """A chat about ``scene`` as messages: the three ``chat_turns``, answered in one word each, after (in half of the
+    conversations) a request to describe the picture, answered with a caption; the other half open with the first
+    question, as `blip2 eval chat` does. Returns (messages, turns)."""
     description = rng.choice(captions(scene, rng)[:3])
-    messages = [{"role": "user", "content": rng.choice(OPENERS)}, {"role": "assistant", "content": description}]
+    opener = [{"role": "user", "content": rng.choice(OPENERS)}, {"role": "assistant", "content": description}]
     turns = chat_turns(scene, rng, held_out)
+    messages = opener if rng.random() < DESCRIBED_SHARE else []  # drawn last: the turns do not depend on it
     for turn in turns:
         messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
     return messages, turns
@@ -520,8 +523,8 @@ def write_split(root: Path, split: str, n: int, cfg: ShapesConfig, progress: boo
     - ``captions.jsonl``: one {"image", "captions", "image_id"} per line (the project's manifest)
     - ``vqa.json``: a list of {"image", "question", "answers", "question_id", "image_id", "question_type", "held_out"}
     - ``coco_captions.json``: COCO caption layout {"images", "annotations", ...} for caption metrics
-    - ``chat.json``: a list of {"image", "image_id", "messages"} (``conversation``: a description, then three
-      questions answered in one word) and {"turns": [{"question", "answer", "kind", "follow_up"}]}, the three
+    - ``chat.json``: a list of {"image", "image_id", "messages"} (``conversation``: three questions answered in one
+      word, half of them after a description) and {"turns": [{"question", "answer", "kind", "follow_up"}]}, the three
       questions alone (what ``blip2 eval chat`` asks)
     - ``shapes.json``: size and config, written last: its presence marks the split complete
     """
