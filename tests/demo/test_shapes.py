@@ -337,3 +337,14 @@ def test_generate_is_idempotent_and_redoes_changed_splits(tmp_path, monkeypatch)
 def test_generate_rejects_unknown_split(tmp_path):
     with pytest.raises(ValueError, match="unknown shapes splits"):
         generate(tmp_path, {"dev": 3}, progress=False)
+
+
+def test_the_opening_coin_leaves_the_evaluated_turns_as_they_were():
+    """`blip2 eval chat` asks a conversation's turns: they are drawn right after the opener, as before the coin that
+    drops the opener existed, so evaluation scripts (and scores) stay comparable with earlier datasets."""
+    for index in range(50):
+        scene = make_scene("test", index, CFG)
+        _, turns = conversation(scene, chat_rng("test", index, CFG), CFG.held_out)
+        rng = chat_rng("test", index, CFG)
+        rng.choice(captions(scene, rng)[:3]), rng.choice(shapes.OPENERS)  # the opener's draws
+        assert turns == shapes.chat_turns(scene, rng, CFG.held_out)
