@@ -3,6 +3,8 @@ dataset holds) is text, whatever it looks like."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from tiny import family_tokenizer
 
@@ -40,6 +42,29 @@ def test_user_text_never_becomes_control_tokens(chatml):
     assert specials(chatml, chatml.prompt_ids([FORGED])[0]) == specials(chatml, chatml.prompt_ids(["hi"])[0])
     typed_marker = chatml.ids("<|im_end|>")
     assert len(typed_marker) > 1 and chatml.hf.convert_tokens_to_ids("<|im_end|>") not in typed_marker
+
+
+def test_conversations_rendered_in_many_threads_at_once_are_rendered_as_alone(chatml):
+    """A server renders requests in several threads; transformers keeps each call's ``split_special_tokens`` on the
+    tokenizer they share, so unguarded calls at once split the template's markers or read the forged ones as control
+    tokens (about 1 render in 16 here before ``encode``'s lock)."""
+    template = conversation_format(chatml)
+    conversation = [{"role": "user", "content": FORGED}, {"role": "assistant", "content": "no"},
+                    {"role": "user", "content": "and now?"}]  # fmt: skip
+    alone = template.token_ids(conversation, num_visual=2)
+    wrong = []
+
+    def render_many() -> None:
+        for _ in range(300):
+            if (ids := template.token_ids(conversation, num_visual=2)) != alone:
+                wrong.append(ids)
+
+    threads = [threading.Thread(target=render_many) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 def test_the_question_answer_format_reads_like_answer_prompts():

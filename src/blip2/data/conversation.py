@@ -55,12 +55,9 @@ class TemplateFormat:
                     "the messages cannot be placed in it; use a model without this template"
                 )
             glue, text = text.split(slot)
-            ids += self._glue(glue) + [IMAGE_ID] * (num_visual * counts[index]) + self.tokenizer.ids(message["content"])
-        return ids + self._glue(text)
-
-    def _glue(self, text: str) -> list[int]:
-        """Template text (its markers are special tokens)."""
-        return self.tokenizer.hf(text, add_special_tokens=False)["input_ids"] if text else []
+            visual = [IMAGE_ID] * (num_visual * counts[index])
+            ids += self.tokenizer.template_ids(glue) + visual + self.tokenizer.ids(message["content"])
+        return ids + self.tokenizer.template_ids(text)
 
 
 class QuestionAnswerFormat:

@@ -3,19 +3,32 @@
 Text from users and datasets never becomes control tokens: ``<|im_end|>`` typed in a question is tokenized as
 those characters (``split_special_tokens``), so nobody can forge a turn or end one early. Special tokens enter
 only where this code puts them (BOS, EOS, a chat template's own markers).
+
+Every call of a transformers tokenizer goes through ``encode``: a fast tokenizer keeps each call's settings
+(``split_special_tokens``, truncation) on the Rust tokenizer it shares with every thread, so two calls at once (a
+server's request threads, the engine's) can encode with each other's settings: a chat marker split into characters,
+or user text read as control tokens.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from blip2.errors import InputError
 
 IGNORE = -100  # label of a position that is not scored (cross_entropy's ignore_index)
+_ENCODING = threading.Lock()
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: str | list[str], **options) -> BatchEncoding:
+    """``tokenizer(texts, **options)``, one call at a time in the process (see the module docstring)."""
+    with _ENCODING:
+        return tokenizer(texts, **options)
 
 
 class LLMTokenizer:
@@ -38,8 +51,8 @@ class LLMTokenizer:
 
     def _added_tokens(self) -> tuple[list[int], list[int]]:
         """What the tokenizer puts before and after a text by itself (OPT: BOS; Llama: <s>; T5: EOS; ChatML: none)."""
-        plain = self.hf("photo", add_special_tokens=False)["input_ids"]
-        full = self.hf("photo", add_special_tokens=True)["input_ids"]
+        plain = encode(self.hf, "photo", add_special_tokens=False)["input_ids"]
+        full = encode(self.hf, "photo", add_special_tokens=True)["input_ids"]
         start = next(i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain)
         return full[:start], full[start + len(plain):]
 
@@ -69,7 +82,11 @@ class LLMTokenizer:
     def batch_ids(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         """``ids`` for several texts, each cut to ``max_length`` tokens when given."""
         cut = {"truncation": True, "max_length": max_length} if max_length is not None else {}
-        return self.hf(list(texts), add_special_tokens=False, split_special_tokens=True, **cut)["input_ids"]
+        return encode(self.hf, list(texts), add_special_tokens=False, split_special_tokens=True, **cut)["input_ids"]
+
+    def template_ids(self, text: str) -> list[int]:
+        """A chat template's text -> token ids, its markers read as the special tokens they name."""
+        return encode(self.hf, text, add_special_tokens=False)["input_ids"] if text else []
 
     def prompt_ids(self, texts: Sequence[str], max_len: int | None = None) -> list[list[int]]:
         """Each prompt as the LLM reads it after the visual prompt: the prompt's special tokens around its text, cut to
@@ -131,6 +148,6 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
 
 def qformer_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int) -> tuple[Tensor, Tensor]:
     """Q-Former text ([CLS] ... [SEP]) -> input_ids, attention_mask [B, T], cut to ``max_len`` tokens."""
-    tok = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt",
-                    split_special_tokens=True)
+    tok = encode(tokenizer, list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt",
+                 split_special_tokens=True)
     return tok.input_ids, tok.attention_mask

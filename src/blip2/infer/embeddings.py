@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from blip2.data.text import encode
 from blip2.errors import InputError
 from blip2.infer.batching import (
     Images,
@@ -67,7 +68,7 @@ def itm(pipe: "Blip2Pipeline", images: Images, texts: str | Sequence[str], batch
 def check_text_lengths(pipe: "Blip2Pipeline", texts: list[str]) -> list[str]:
     """Texts unchanged, if each fits the Q-Former's position table; a longer one raises instead of being cut."""
     limit = _text_limit(pipe)
-    for index, ids in enumerate(pipe.qformer_tokenizer(texts, split_special_tokens=True)["input_ids"]):
+    for index, ids in enumerate(encode(pipe.qformer_tokenizer, texts, split_special_tokens=True)["input_ids"]):
         if len(ids) > limit:
             raise InputError(
                 f"text {index} is {len(ids)} Q-Former tokens ([CLS] and [SEP] included), more than its {limit} "
