@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("qformer", "stage1_step", "feature_cache", "memory", "generation", "chat")
+SCRIPTS = ("qformer", "stage1_step", "train_step", "feature_cache", "memory", "generation", "chat")
 README = HERE / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RATIO_PREFIX = "ratio: "  # as common.RATIO_PREFIX; not imported, so this parent stays free of torch

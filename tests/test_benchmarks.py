@@ -19,7 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RATIO = re.compile(r"^ratio: (\d+\.\d\d)x  \S.*\(.*\)$", re.MULTILINE)
 TABLE_RULE = re.compile(r"^\| --- \|", re.MULTILINE)
 SCRIPT_MODULES = ("common", "demo", "model_pair", "qformer", "generation", "chat", "feature_cache", "memory", "run_all",
-                  "stage1_step")
+                  "stage1_step", "train_step")
 
 
 @pytest.fixture
@@ -80,6 +80,12 @@ def test_stage1_step_checks_equal_losses_and_reports_the_projection_share(run_sc
     assert len(ratios(out)) == 1 and "target >= 1.30x" in out
 
 
+def test_train_step_times_a_demo_phase_both_ways_through_the_real_trainer(run_script):
+    out = run_script("train_step")
+    assert "| stage 2, projection alone (shapes_stage2_warmup) |" in out and " / " in out
+    assert len(ratios(out)) == 1 and "before / this" in out
+
+
 def test_feature_cache_compares_cache_and_images(run_script):
     out = run_script("feature_cache")
     assert "| feature cache |" in out and "| images |" in out
@@ -122,6 +128,6 @@ def test_run_all_quick_end_to_end(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = done.stdout.split("## summary", 1)[1]
-    assert len(ratios(done.stdout)) == 2 + 1 + 3 + 2 + 1 + 1
-    for name in ("qformer", "feature_cache", "memory", "generation", "chat", "stage1_step"):
+    assert len(ratios(done.stdout)) == 2 + 1 + 3 + 2 + 1 + 1 + 1
+    for name in ("qformer", "feature_cache", "memory", "generation", "chat", "stage1_step", "train_step"):
         assert re.search(rf"^\s*{name}  ratio: \d+\.\d\dx", summary, re.MULTILINE), name

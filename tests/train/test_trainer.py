@@ -340,6 +340,57 @@ def test_bf16_autocast_on_cpu_trains_fp32_weights(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
 
 
+def test_frozen_linear_weights_held_in_bf16_train_bit_for_bit_as_autocast_casting_them(tmp_path):
+    """On CPU under bf16 autocast the frozen Linear's weight and bias are copied to bf16 once and swapped in for each
+    step's forward: the run equals one where autocast casts them at every forward, bit for bit, and the model holds
+    its own fp32 tensors again between steps and after."""
+    model, seen = TinyNet(dropout=0.0), []
+    frozen = dict(model.encoder.named_parameters())
+
+    def loss_seeing_dtypes(model, batch):
+        seen.append((model.encoder[0].weight.dtype, model.encoder[0].bias.dtype, model.head[0].weight.dtype))
+        return mean_loss(model, batch)
+
+    trainer = Trainer(model, loss_seeing_dtypes, Regression(), config(tmp_path / "copies", precision="bf16"))
+    assert [(module, name) for module, name, *_ in trainer.frozen_copies.copies] == [
+        (model.encoder[0], "weight"), (model.encoder[0], "bias")]  # fmt: skip
+    trainer.fit()
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16, torch.float32)}  # trainable weights stay fp32 masters
+    assert all(param is frozen[name] and param.dtype == torch.float32 for name, param in model.encoder.named_parameters())
+    casting = TinyNet(dropout=0.0)
+    every_forward = Trainer(casting, mean_loss, Regression(), config(tmp_path / "casting", precision="bf16"))
+    every_forward.frozen_copies.copies = []  # autocast casts them at every forward, as before
+    every_forward.fit()
+    for name, weight in trained_weights(model).items():
+        assert torch.equal(weight, trained_weights(casting)[name]), name
+    assert Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path / "fp32", precision="fp32")).frozen_copies.copies == []
+
+
+def test_a_frozen_tied_head_gets_its_own_bf16_copy_and_stays_tied(tmp_path):
+    """An LLM's head shares the input embedding's tensor: only the head (a Linear) reads a bf16 copy in a step; the
+    embedding's lookups stay fp32, and afterwards the two share one tensor again."""
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(10, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.table.weight
+            self.requires_grad_(False)
+            self.scale = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            ids = x.abs().mul(3).long().clamp(max=9)  # [B, 8]
+            dtypes.append((self.table.weight.dtype, self.head.weight.dtype))
+            return self.head(self.table(ids).mean(dim=1) * self.scale)[:, :2]  # [B, 2]
+
+    dtypes = []
+    model = TiedLM()
+    Trainer(model, mean_loss, Regression(), config(tmp_path, precision="bf16", steps=2)).fit()
+    assert set(dtypes) == {(torch.float32, torch.bfloat16)}
+    assert model.head.weight is model.table.weight and model.table.weight.dtype == torch.float32
+
+
 def test_clear_errors_for_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch per process"):
         Trainer(TinyNet(), mean_loss, Regression(n=3), config(tmp_path))

@@ -20,7 +20,7 @@ import os
 import random
 import socket
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,38 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+class FrozenWeightCopies:
+    """On CPU, the frozen ``nn.Linear`` weights and biases held in autocast's dtype for the training steps.
+
+    Autocast casts every fp32 weight to bf16 at every forward, the frozen LLM's included (a fifth of a demo stage-2
+    step on a 2-core CPU: 135M weights read and written again each step). These copies hold the same values (the
+    cast is the same rounding), made once; ``swapped_in()`` puts them in place for a forward and puts the fp32
+    originals back after, so saving, resuming and everything outside a step see the model as it was. GPUs cast
+    fast and their frozen LLMs usually load in bf16/fp16 already: nothing is copied there (nor under FSDP).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None, device: torch.device, fsdp: bool):
+        self.copies: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+        if dtype is None or device.type != "cpu" or fsdp:
+            return
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                for name, param in module.named_parameters(recurse=False):
+                    if not param.requires_grad and param.dtype != dtype:
+                        copy = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+                        self.copies.append((module, name, param, copy))
+
+    @contextmanager
+    def swapped_in(self):
+        for module, name, _, copy in self.copies:
+            setattr(module, name, copy)
+        try:
+            yield
+        finally:
+            for module, name, original, _ in self.copies:
+                setattr(module, name, original)
+
+
 def set_train_mode(module: nn.Module) -> None:
     """``module.train()``, then every sub-tree whose parameters are all frozen back to ``eval()``: a frozen encoder or
     LLM keeps dropout off and its norms on their running statistics."""
@@ -217,6 +249,7 @@ class Trainer:
             self.engine = wrap_ddp(self.engine, self.device)
         groups = build_param_groups(self.model, cfg, param_groups)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.frozen_copies = FrozenWeightCopies(self.model, self.autocast_dtype, self.device, cfg.fsdp)
         names = {id(p): name for name, p in self.model.named_parameters()}
         self._trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._param_names = [names[id(p)] for p in self._trainable]
@@ -318,7 +351,8 @@ class Trainer:
             batch, size = self._next_batch()
             with gradient_sync(self.engine, enabled=micro == accum - 1):
                 with torch.autocast(self.device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext():
-                    out = self.engine(to_device(batch, self.device))
+                    with self.frozen_copies.swapped_in():
+                        out = self.engine(to_device(batch, self.device))
                 if "loss" not in out:
                     raise KeyError(f"loss_fn must return a dict with a 'loss' entry (the total to minimise); "
                                    f"it returned {sorted(out)}")

@@ -1,0 +1,101 @@
+"""Training steps of the demo's phases through the real `blip2 train` path (its recipes, the Trainer, the feature
+cache, bf16 autocast where the CPU has it), with the frozen ``nn.Linear`` weights held in bf16 for the steps
+(``FrozenWeightCopies``) against the step before it, in which autocast cast every frozen fp32 weight (the LLM's
+135M) at every forward.
+
+Same data, same seed, same recipe: every logged loss must be equal, bit for bit (the copies hold exactly what
+autocast's cast gives). Step times come from the run's own ``metrics.jsonl`` (``elapsed_s`` logged every step;
+the first two steps are left out). ``python benchmarks/train_step.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import common
+
+from blip2.data.feature_cache import cache_features, encoder_identity
+from blip2.demo.run import DemoConfig, Phase, recipe
+from blip2.demo.shapes import ShapesConfig, generate
+from blip2.factory import build
+from blip2.train import trainer
+from blip2.train.recipe import run_recipe
+
+TARGET = None  # no target was set; the full demo plan's 90 minutes is what it buys (benchmarks/README.md)
+PHASES = (  # the demo's stage-2 phases (stage 1 runs no frozen Linear: its encoder's features are cached), each
+    # from a fresh model (`init=null`): timing does not depend on the weights
+    Phase("stage 2, projection alone (shapes_stage2_warmup)", "shapes_stage2_warmup", None, "stage2", ("init=null",)),
+    Phase("stage 2, Q-Former reading the question (shapes_vqa)", "shapes_vqa", None, "stage2", ("init=null",)),
+)
+
+
+@contextlib.contextmanager
+def step_before():
+    """The step before: no bf16 copies, autocast casts the frozen weights at every forward."""
+    with mock.patch.object(trainer.FrozenWeightCopies, "__init__", no_copies):
+        yield
+
+
+def no_copies(self, *args) -> None:
+    self.copies = []
+
+
+def world(root: Path, train: int) -> DemoConfig:
+    """A small shapes world with its feature cache, laid out as the demo lays out its own."""
+    cfg = DemoConfig(data_root=str(root / "shapes"), runs=str(root / "runs"),
+                     sizes={"train": train, "val": 1, "test": 1, "compositional": 1})  # fmt: skip
+    generate(cfg.data_root, cfg.sizes, ShapesConfig(), progress=False)
+    encoder = build(recipe(PHASES[0], cfg).model, init_qformer=False)  # the stage-2 recipes' encoder
+    identity = encoder_identity(encoder.model.cfg.vision, encoder.preprocess, encoder.model.vision)
+    cache_features(encoder.model.image_features, identity, encoder.preprocess, [f"{cfg.data_root}/train"],
+                   f"{cfg.data_root}/features")
+    return cfg
+
+
+def run(phase: Phase, cfg: DemoConfig, out: Path, steps: int) -> tuple[list[float], list[float]]:
+    """Train ``steps`` steps of ``phase``; (seconds of each step after the first two, the loss of every step)."""
+    overrides = (*phase.set, f"train.steps={steps}", "train.log_every=1", "train.save_every=0")
+    one = dataclasses.replace(cfg, runs=str(out))
+    run_recipe(recipe(Phase(phase.recipe, phase.recipe, None, phase.steps, overrides), one))
+    records = [json.loads(line) for line in (out / phase.recipe / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]
+    return [b - a for a, b in zip(elapsed[1:], elapsed[2:])], [r["losses"]["loss"] for r in records]
+
+
+def main() -> None:
+    args = common.parser(__doc__.splitlines()[0]).parse_args()
+    repeats = common.setup(args, default_repeats=2)
+    steps = 4 if args.quick else 12
+    phases = PHASES[:1] if args.quick else PHASES
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = world(Path(tmp), train=16 if args.quick else 400)
+        for phase in phases:
+            seconds, losses = {"this": [], "before": []}, {}
+            for repeat in range(repeats):  # interleaved: this, before, this, before, ...
+                for side in seconds:
+                    with step_before() if side == "before" else contextlib.nullcontext():
+                        times, losses[side] = run(phase, cfg, Path(tmp) / f"{side}-{repeat}", steps)
+                    seconds[side] += times
+            assert losses["this"] == losses["before"], (phase.name, losses)  # bit for bit, every step
+            ratio = statistics.median(seconds["before"]) / statistics.median(seconds["this"])
+            rows.append((phase, seconds, losses["this"], ratio))
+    print(f"\ntraining steps of the demo's phases, {steps} steps per run ({steps - 2} timed), {repeats} interleaved "
+          "runs per side; median (min-max) seconds per step\n")
+    common.table(
+        ["phase", "this: s/step", "before: s/step", "losses (this), first / last"],
+        [(p.name, common.spread(s["this"]), common.spread(s["before"]), f"{loss[0]:.4f} / {loss[-1]:.4f}")
+         for p, s, loss, _ in rows],
+    )  # fmt: skip
+    for phase, _, _, ratio in rows:
+        common.ratio_line(f"training step, {phase.name}", ratio, TARGET, how="before / this, higher is better")
+
+
+if __name__ == "__main__":
+    main()
