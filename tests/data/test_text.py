@@ -3,13 +3,17 @@ becomes control tokens, and the collate functions of both training stages."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from conftest import numbered_tokenizer
-from tiny import WORDS, real_like_tokenizer
+from tiny import WORDS, real_like_tokenizer, tiny_pipeline
 
 from blip2.data.collate import Stage2Collate
-from blip2.data.text import IGNORE, LLMTokenizer
+from blip2.data.text import IGNORE, LLMTokenizer, qformer_ids
+from blip2.errors import InputError
+from blip2.infer.embeddings import check_text_lengths
 
 FAMILIES = ("opt", "llama", "t5")
 
@@ -87,3 +91,30 @@ def test_stage2_labels_cover_the_target_text_only():
     assert tok.decode(answer_labels[:-1]).split() == ["w6"]  # the question ("Question: ... Answer:") is not a target
     assert batch["input_ids"][1, 0] == llm.bos_token_id
     assert batch["attention_mask"][0].sum() == 1 + 3 + 1  # BOS, three words, EOS; then padding
+
+
+def test_q_former_texts_cut_in_one_thread_are_not_cut_in_another():
+    """transformers keeps a call's truncation on the tokenizer every thread shares: while one thread cuts texts to 16
+    tokens (``qformer_ids``), another's length check must still see the whole text (and refuse it)."""
+    pipe = tiny_pipeline(None)
+    long = " ".join(["a red square on the left"] * 30)  # ~150 tokens, over the 64 positions
+    cut, refused = [], []
+
+    def cutting() -> None:
+        for _ in range(400):
+            ids, _ = qformer_ids(pipe.qformer_tokenizer, [long], max_len=16)
+            cut.append(ids.shape[1])
+
+    def checking() -> None:
+        for _ in range(400):
+            try:
+                check_text_lengths(pipe, [long])
+            except InputError:
+                refused.append(True)
+
+    threads = [threading.Thread(target=work) for work in (cutting, checking, cutting, checking)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cut == [16] * 800 and len(refused) == 800

@@ -22,7 +22,12 @@ from blip2.train.checkpointing import latest_checkpoint, list_checkpoints
 from blip2.train.config import TrainConfig
 from blip2.train.optim import build_param_groups, lr_factor, set_learning_rates
 from blip2.train.stream import batch_size_of, epoch_batches, to_device
-from blip2.train.trainer import NonFiniteLossError, Trainer, cpu_has_native_bf16
+from blip2.train.trainer import (
+    FrozenWeightCopies,
+    NonFiniteLossError,
+    Trainer,
+    cpu_has_native_bf16,
+)
 
 # ---- the tiny world ---------------------------------------------------------------------------------------------
 
@@ -340,7 +345,7 @@ def test_bf16_autocast_on_cpu_trains_fp32_weights(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
 
 
-def test_frozen_linear_weights_held_in_bf16_train_bit_for_bit_as_autocast_casting_them(tmp_path):
+def test_frozen_linear_weights_held_in_bf16_train_bit_for_bit_as_autocast_casting_them(tmp_path, monkeypatch):
     """On CPU under bf16 autocast the frozen Linear's weight and bias are copied to bf16 once and swapped in for each
     step's forward: the run equals one where autocast casts them at every forward, bit for bit, and the model holds
     its own fp32 tensors again between steps and after."""
@@ -352,23 +357,54 @@ def test_frozen_linear_weights_held_in_bf16_train_bit_for_bit_as_autocast_castin
         return mean_loss(model, batch)
 
     trainer = Trainer(model, loss_seeing_dtypes, Regression(), config(tmp_path / "copies", precision="bf16"))
+    trainer.fit()
     assert [(module, name) for module, name, *_ in trainer.frozen_copies.copies] == [
         (model.encoder[0], "weight"), (model.encoder[0], "bias")]  # fmt: skip
-    trainer.fit()
     assert set(seen) == {(torch.bfloat16, torch.bfloat16, torch.float32)}  # trainable weights stay fp32 masters
     assert all(param is frozen[name] and param.dtype == torch.float32 for name, param in model.encoder.named_parameters())
     casting = TinyNet(dropout=0.0)
-    every_forward = Trainer(casting, mean_loss, Regression(), config(tmp_path / "casting", precision="bf16"))
-    every_forward.frozen_copies.copies = []  # autocast casts them at every forward, as before
-    every_forward.fit()
+    with monkeypatch.context() as patch:  # no copies: autocast casts them at every forward, as before
+        patch.setattr(FrozenWeightCopies, "__init__", lambda self, *args: setattr(self, "copies", []))
+        Trainer(casting, mean_loss, Regression(), config(tmp_path / "casting", precision="bf16")).fit()
     for name, weight in trained_weights(model).items():
         assert torch.equal(weight, trained_weights(casting)[name]), name
-    assert Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path / "fp32", precision="fp32")).frozen_copies.copies == []
+    fp32 = Trainer(TinyNet(), mean_loss, Regression(), config(tmp_path / "fp32", precision="fp32", steps=1))
+    fp32.fit()
+    assert fp32.frozen_copies.copies == []
+
+
+def test_frozen_weights_are_copied_as_a_resumed_checkpoint_left_them_and_put_back_after_a_failing_step(tmp_path):
+    """A checkpoint that holds frozen weights (a frozen Q-Former in stage 2's first phase) is loaded before the
+    copies are made, so the steps read what it holds; a step that raises still puts the fp32 originals back."""
+    whole = {"state_fn": lambda model: model.state_dict()}  # the frozen encoder is saved too
+    cfg = config(tmp_path, precision="bf16", steps=2, save_every=2)
+    Trainer(TinyNet(seed=0), mean_loss, Regression(), cfg, **whole).fit()
+    seen = []
+
+    def loss_seeing_the_encoder(model, batch):
+        seen.append(model.encoder[0].weight.detach().clone())
+        return mean_loss(model, batch)
+
+    other = TinyNet(seed=1)  # another frozen encoder, replaced by the checkpoint's
+    resumed = config(tmp_path, precision="bf16", steps=3, resume="auto")
+    Trainer(other, loss_seeing_the_encoder, Regression(), resumed, **whole).fit()
+    assert torch.equal(other.encoder[0].weight, TinyNet(seed=0).encoder[0].weight)
+    assert len(seen) == 1 and torch.equal(seen[0], other.encoder[0].weight.to(torch.bfloat16))
+
+    def failing(model, batch):
+        raise RuntimeError("the step fell over")
+
+    model = TinyNet()
+    originals = list(model.parameters())
+    with pytest.raises(RuntimeError, match="fell over"):
+        Trainer(model, failing, Regression(), config(tmp_path / "failing", precision="bf16")).fit()
+    assert all(a is b for a, b in zip(model.parameters(), originals)) and len(list(model.parameters())) == len(originals)
 
 
 def test_a_frozen_tied_head_gets_its_own_bf16_copy_and_stays_tied(tmp_path):
     """An LLM's head shares the input embedding's tensor: only the head (a Linear) reads a bf16 copy in a step; the
-    embedding's lookups stay fp32, and afterwards the two share one tensor again."""
+    embedding's lookups stay fp32, and afterwards the two share one tensor again. Linears sharing a weight share
+    its copy."""
 
     class TiedLM(nn.Module):
         def __init__(self):
@@ -376,19 +412,22 @@ def test_a_frozen_tied_head_gets_its_own_bf16_copy_and_stays_tied(tmp_path):
             self.table = nn.Embedding(10, 8)
             self.head = nn.Linear(8, 10, bias=False)
             self.head.weight = self.table.weight
+            self.twin = nn.Linear(8, 10, bias=False)
+            self.twin.weight = self.table.weight
             self.requires_grad_(False)
             self.scale = nn.Parameter(torch.ones(8))
 
         def forward(self, x):
             ids = x.abs().mul(3).long().clamp(max=9)  # [B, 8]
-            dtypes.append((self.table.weight.dtype, self.head.weight.dtype))
-            return self.head(self.table(ids).mean(dim=1) * self.scale)[:, :2]  # [B, 2]
+            dtypes.append((self.table.weight.dtype, self.head.weight.dtype, self.head.weight is self.twin.weight))
+            hidden = self.table(ids).mean(dim=1) * self.scale  # [B, 8]
+            return (self.head(hidden) + self.twin(hidden))[:, :2]  # [B, 2]
 
     dtypes = []
     model = TiedLM()
     Trainer(model, mean_loss, Regression(), config(tmp_path, precision="bf16", steps=2)).fit()
-    assert set(dtypes) == {(torch.float32, torch.bfloat16)}
-    assert model.head.weight is model.table.weight and model.table.weight.dtype == torch.float32
+    assert set(dtypes) == {(torch.float32, torch.bfloat16, True)}
+    assert model.head.weight is model.table.weight is model.twin.weight and model.table.weight.dtype == torch.float32
 
 
 def test_clear_errors_for_bad_inputs(tmp_path):

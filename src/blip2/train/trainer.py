@@ -126,27 +126,30 @@ class FrozenWeightCopies:
 
     Autocast casts every fp32 weight to bf16 at every forward, the frozen LLM's included (a fifth of a demo stage-2
     step on a 2-core CPU: 135M weights read and written again each step). These copies hold the same values (the
-    cast is the same rounding), made once; ``swapped_in()`` puts them in place for a forward and puts the fp32
-    originals back after, so saving, resuming and everything outside a step see the model as it was. GPUs cast
-    fast and their frozen LLMs usually load in bf16/fp16 already: nothing is copied there (nor under FSDP).
+    cast is the same rounding), made once per ``fit`` after a resumed checkpoint is loaded (one per tensor, however
+    many modules share it); ``swapped_in()`` puts them in place for a forward and puts the fp32 originals back
+    after, so saving and everything outside a step see the model as it was. GPUs cast fast and their frozen LLMs
+    usually load in bf16/fp16 already: nothing is copied there (nor under FSDP).
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None, device: torch.device, fsdp: bool):
         self.copies: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
         if dtype is None or device.type != "cpu" or fsdp:
             return
+        made: dict[int, nn.Parameter] = {}
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 for name, param in module.named_parameters(recurse=False):
                     if not param.requires_grad and param.dtype != dtype:
-                        copy = nn.Parameter(param.detach().to(dtype), requires_grad=False)
-                        self.copies.append((module, name, param, copy))
+                        if id(param) not in made:
+                            made[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+                        self.copies.append((module, name, param, made[id(param)]))
 
     @contextmanager
     def swapped_in(self):
-        for module, name, _, copy in self.copies:
-            setattr(module, name, copy)
         try:
+            for module, name, _, copy in self.copies:
+                setattr(module, name, copy)
             yield
         finally:
             for module, name, original, _ in self.copies:
@@ -249,7 +252,6 @@ class Trainer:
             self.engine = wrap_ddp(self.engine, self.device)
         groups = build_param_groups(self.model, cfg, param_groups)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.frozen_copies = FrozenWeightCopies(self.model, self.autocast_dtype, self.device, cfg.fsdp)
         names = {id(p): name for name, p in self.model.named_parameters()}
         self._trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._param_names = [names[id(p)] for p in self._trainable]
@@ -286,6 +288,7 @@ class Trainer:
         position, elapsed, record = {"epoch": 0, "batches": 0}, 0.0, None
         if checkpoint is not None:
             position, elapsed, record = self._restore(checkpoint, where)
+        self.frozen_copies = FrozenWeightCopies(self.model, self.autocast_dtype, self.device, cfg.fsdp)  # as restored
         if is_main():
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
             cfg.save(Path(cfg.out_dir) / CONFIG_FILE)
