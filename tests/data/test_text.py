@@ -13,7 +13,7 @@ from tiny import WORDS, real_like_tokenizer, tiny_pipeline
 from blip2.data.collate import Stage2Collate
 from blip2.data.text import IGNORE, LLMTokenizer, qformer_ids
 from blip2.errors import InputError
-from blip2.infer.embeddings import check_text_lengths
+from blip2.infer.embeddings import check_text_lengths, qformer_lengths
 
 FAMILIES = ("opt", "llama", "t5")
 
@@ -118,3 +118,11 @@ def test_q_former_texts_cut_in_one_thread_are_not_cut_in_another():
     for thread in threads:
         thread.join()
     assert cut == [16] * 800 and len(refused) == 800
+
+
+def test_q_former_lengths_count_typed_markers_as_the_text_they_are():
+    """``/v1/embeddings`` reports this count: a typed "[SEP]" is text there, as in the embedding ([CLS] [ sep ] [SEP],
+    not [CLS] [SEP] [SEP])."""
+    pipe = tiny_pipeline(None)
+    (ids,), _ = qformer_ids(pipe.qformer_tokenizer, ["[SEP]"], max_len=32)
+    assert qformer_lengths(pipe, ["[SEP]", "a red square"]) == [len(ids), 5] and len(ids) > 3

@@ -68,13 +68,18 @@ def itm(pipe: "Blip2Pipeline", images: Images, texts: str | Sequence[str], batch
 def check_text_lengths(pipe: "Blip2Pipeline", texts: list[str]) -> list[str]:
     """Texts unchanged, if each fits the Q-Former's position table; a longer one raises instead of being cut."""
     limit = _text_limit(pipe)
-    for index, ids in enumerate(encode(pipe.qformer_tokenizer, texts, split_special_tokens=True)["input_ids"]):
-        if len(ids) > limit:
+    for index, length in enumerate(qformer_lengths(pipe, texts)):
+        if length > limit:
             raise InputError(
-                f"text {index} is {len(ids)} Q-Former tokens ([CLS] and [SEP] included), more than its {limit} "
+                f"text {index} is {length} Q-Former tokens ([CLS] and [SEP] included), more than its {limit} "
                 "positions: shorten it"
             )
     return texts
+
+
+def qformer_lengths(pipe: "Blip2Pipeline", texts: list[str]) -> list[int]:
+    """Each text's Q-Former token count, [CLS] and [SEP] included, tokenized as the embeddings tokenize it."""
+    return [len(ids) for ids in encode(pipe.qformer_tokenizer, texts, split_special_tokens=True)["input_ids"]]
 
 
 def _text_limit(pipe: "Blip2Pipeline") -> int:

@@ -26,8 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from blip2.data.text import encode
 from blip2.infer.chat import CHAT_MAX_NEW_TOKENS
+from blip2.infer.embeddings import qformer_lengths
 from blip2.serve import protocol
 from blip2.serve.engine import Delta, Engine, EngineClosed, Failed, Finished, QueueFull
 from blip2.serve.media import MediaError, MediaPolicy, fetch_image
@@ -295,7 +295,7 @@ def _embed(engine: Engine, inputs: list) -> tuple[list, int]:
     pipe = engine.pipe
     texts = [item for item in inputs if isinstance(item, str)]
     text_vectors = iter(pipe.text_embeddings(texts) if texts else [])
-    tokens = sum(len(ids) for ids in encode(pipe.qformer_tokenizer, texts, split_special_tokens=True)["input_ids"]) if texts else 0
+    tokens = sum(qformer_lengths(pipe, texts)) if texts else 0
     vectors = [next(text_vectors) if isinstance(item, str) else engine.itc_embedding(item).flatten() for item in inputs]
     return [vector.float().cpu().tolist() for vector in vectors], tokens
 
