@@ -75,7 +75,7 @@ def demo(full: bool = False, retrain: bool = False, data_root: str | None = None
     the offline parts, evaluate retrieval, VQA, captions and chat against the untrained model and the blind prior,
     and write a report (metrics, training curves, captioned test images, a chat transcript). About 20 minutes on a
     2-core CPU (data/shapes, runs/demo, reports/demo). --full runs the longer plan that aims at every quality bar
-    (6,000 training scenes; data/shapes-full, runs/full, reports/full; 90-110 minutes on the same CPU). Kill it and
+    (6,000 training scenes; data/shapes-full, runs/full, reports/full; about 95 minutes on the same CPU). Kill it and
     run it again: it continues where it stopped; a trained phase is reused unless --retrain.
     --stage1-steps/--retrieval-steps/--stage2-steps (each stage-2 phase) change the plan's lengths, --train-images
     its data; --test-images and --compositional-images size the evaluation splits (a quick try: a few of each)."""

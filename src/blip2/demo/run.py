@@ -84,8 +84,8 @@ QUICK = (
     Phase("stage2_warmup", "shapes_stage2_warmup", "retrieval", "stage2"),
     Phase("stage2", "shapes_stage2", "stage2_warmup", "stage2"),
 )
-# The full plan (docs/training.md, "The demo's two plans"; 107 minutes cold on a 2-core Xeon, about 89 estimated
-# with the frozen-weight copies, the goal is 90): one stage 1 on the captions that name sizes and positions, with
+# The full plan (docs/training.md, "The demo's two plans"; 94.8 minutes cold on a 2-core Xeon, 107 before the
+# frozen-weight copies; the goal is 90): one stage 1 on the captions that name sizes and positions, with
 # the position code lifted, feeding two chains: a retrieval fine-tune at a larger batch, and stage 2 with the
 # Q-Former reading the question from the start.
 # Question types are not weighed: in 3,100 stage-2 steps the weighed mixture answered worse (0.515 against 0.665).
