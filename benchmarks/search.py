@@ -2,10 +2,11 @@
 
 ``python benchmarks/search.py [--part shapes,synthetic,milvus] [--images 100000] [--quick]``
 
-- shapes: the shapes test split (1,000 images, caption 2 of each as the text queries) indexed with the demo's
-  retrieval model; text-to-image R@1/5/10 through the index (exact FAISS, HNSW, IVF-PQ, Milvus), with and
-  without ITM re-rank of the top ``--rerank`` (16), against ``blip2 eval retrieval --caption-index 2 --k 16``
-  (the same function, in this process). Exact backends must equal it; approximate ones within 0.02.
+- shapes: the shapes test split (``--data``, data/shapes/test: 1,000 images, caption 2 of each as the text queries)
+  indexed with the demo's retrieval model; text-to-image R@1/5/10 through the index (exact FAISS, HNSW, IVF-PQ,
+  Milvus), with and without ITM re-rank of the top ``--rerank`` (16), against ``blip2 eval retrieval
+  --caption-index 2 --k 16`` (the same function, in this process). Exact backends must equal it; approximate
+  ones within 0.02.
 - synthetic: ``--images`` images x 32 queries x 256 dims of clustered unit vectors (below); recall@10 of
   distinct images against exact max over queries, single-query latency (text encoder excluded; its own latency
   printed apart), build time and memory of the FAISS index ``auto`` picks (IVF-PQ beyond 4,096 images) and of
@@ -280,13 +281,11 @@ def t2i_recall(index: Index, texts: list[str], owners: list[int], image_of_path:
     return {f"t2i_r{k}": hits_at[k] / len(texts) for k in ks}
 
 
-def shapes(model_source: str, rerank: int, limit: int | None, work: Path) -> None:
-    from blip2.eval.tasks import evaluate
-
+def shapes(model_source: str, data: Path, rerank: int, limit: int | None, work: Path) -> None:
     from blip2.data.datasets import read_records
+    from blip2.eval.evaluate import evaluate
     from blip2.search import model_api
 
-    data = ROOT / "data" / "shapes" / "test"
     print(f"\n### shapes test split: {model_source}, caption 2 of each image, re-rank top {rerank}\n")
     model = model_api.load_model(model_source)
     records = read_records(data / "captions.jsonl", "jsonl")[:limit]
@@ -335,6 +334,7 @@ def main() -> None:
     options.add_argument("--milvus-images", type=int, default=5_000)
     options.add_argument("--queries", type=int, default=200, help="synthetic queries timed")
     options.add_argument("--model", default=str(ROOT / "runs" / "demo" / "retrieval" / "final"))
+    options.add_argument("--data", default=str(ROOT / "data" / "shapes" / "test"), help="shapes: the split searched")
     options.add_argument("--rerank", type=int, default=16)
     options.add_argument("--limit", type=int, default=None, help="shapes: only the first N test images")
     options.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
@@ -347,16 +347,18 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="blip2-search-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     parts = args.part.split(",")
-    if "synthetic" in parts:
-        synthetic(args.images, args.queries, work)
-        text_encoder_latency(args.model)
-    if "milvus" in parts:
-        milvus(args.milvus_images, args.queries, work)
-    if "shapes" in parts:
-        shapes(args.model, args.rerank, args.limit, work)
+    try:
+        if "synthetic" in parts:
+            synthetic(args.images, args.queries, work)
+            text_encoder_latency(args.model)
+        if "milvus" in parts:
+            milvus(args.milvus_images, args.queries, work)
+        if "shapes" in parts:
+            shapes(args.model, Path(args.data), args.rerank, args.limit, work)
+    finally:  # a temporary scratch folder goes even when a part fails
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
     print(machine_line())
-    if args.work is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ from __future__ import annotations
 import re
 import runpy
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
+
+from blip2.demo.shapes import ShapesConfig, generate
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "search.py"
 
@@ -25,3 +30,27 @@ def test_search_benchmark_runs_and_the_exact_index_recalls_everything(models, mo
     assert re.search(r"^\| FLAT \| 1\.000 \|", out, re.MULTILINE) and re.search(r"^\| HNSW \| \d\.\d+ \|", out, re.MULTILINE)
     assert re.search(r"^ratio: \d+\.\d\dx  single-query latency, Flat over 600 images", out, re.MULTILINE)
     assert "text encoder" in out
+
+
+def test_a_failing_part_still_removes_the_temporary_scratch_folder(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp puts the scratch folder
+    monkeypatch.setattr(sys, "argv", ["search.py", "--part", "shapes", "--model", str(tmp_path / "no-model"),
+                                      "--limit", "2"])  # fmt: skip
+    with pytest.raises(Exception):  # noqa: B017 - whatever the missing model raises
+        runpy.run_path(str(BENCHMARK), run_name="__main__")
+    assert not list(tmp_path.glob("blip2-search-bench-*"))
+
+
+def test_the_shapes_part_finds_through_every_backend_what_eval_retrieval_finds(models, monkeypatch, capsys, tmp_path):
+    split = generate(tmp_path / "shapes", {"test": 6}, ShapesConfig(image_size=32), progress=False)["test"]
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr(sys, "argv", ["search.py", "--part", "shapes", "--data", str(split), "--model",
+                                      str(models["a"]), "--rerank", "2", "--work", str(tmp_path / "work")])  # fmt: skip
+    runpy.run_path(str(BENCHMARK), run_name="__main__")
+    out = capsys.readouterr().out
+    backend = r"FAISS \w+(?: \(exact\))?|Milvus FLAT \(milvus-lite\)"
+    rows = re.findall(rf"^\| ({backend}) \| (ITC|ITM \+ ITC) \|", out, re.MULTILINE)
+    assert len(rows) == 8  # four backends, with and without the re-rank
+    assert out.count("max |R@K - eval| = 0.000") == 4 and "MISSED" not in out  # 6 images: every backend is exact
