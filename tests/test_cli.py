@@ -199,3 +199,14 @@ def test_repeated_list_options_accumulate():
     args = build_parser().parse_args(["train", "r.yaml", "--set", "train.steps=5", "--set", "train.lr=1e-3", "data.x=1"])
     assert args.set == ["train.steps=5", "train.lr=1e-3", "data.x=1"]  # none of them silently dropped
     assert build_parser().parse_args(["train", "r.yaml"]).set is None
+
+
+def test_annotated_options_carry_their_help_line_and_keep_their_type(capsys):
+    args = build_parser().parse_args(["demo", "--stage1-steps", "5", "--full"])
+    assert args.stage1_steps == 5 and args.full is True  # Annotated[int | None, ...] still parses as an int
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    assert "--stage1-steps STAGE1_STEPS stage-1 steps (default: the plan's)" in shown
+    assert "--full, --no-full the longer plan aimed at every bar" in shown
+    assert "(default: None)" not in shown  # an option with a help line says its default in words

@@ -2,7 +2,7 @@
 
 The parser is derived from the function's signature: positional parameters become positional arguments,
 keyword parameters become ``--options`` (``bool`` ones become flags, ``list[...]`` ones take several values,
-``Literal[...]`` ones take one of their values). A parameter whose type is a dataclass (e.g. the generation
+``Literal[...]`` ones take one of their values; ``Annotated[type, "help"]`` gives the option its help line). A parameter whose type is a dataclass (e.g. the generation
 options) contributes one ``--option`` per field and is rebuilt from them before the call. A positional-only
 parameter with a default (before ``/``) is an optional positional argument; a keyword-only one without a default
 (after ``*``) is a required ``--option``. A ``(name, [functions])`` entry of
@@ -42,29 +42,40 @@ OPTION_SPELLING = "__as_option"  # dest suffix of an optional positional's --opt
 LOG_LEVELS = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
 
 
+def _help_of(annotation) -> tuple[object, str | None]:
+    """(the type, its help line) of ``Annotated[type, "help"]``; (annotation, None) for a plain type."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return annotation.__origin__, next((m for m in annotation.__metadata__ if isinstance(m, str)), None)
+    return annotation, None
+
+
 def _add_argument(parser: argparse.ArgumentParser, name: str, annotation, default, dest: str | None = None,
                   param_kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) -> None:
     """One positional argument (no default; positional-only: optional) or ``--option`` (keyword-only without a
     default: required) for a parameter or dataclass field."""
+    annotation, described = _help_of(annotation)
     kind, many, choices = _option_type(annotation)
     required = param_kind is inspect.Parameter.KEYWORD_ONLY and default is inspect.Parameter.empty
     if (default is inspect.Parameter.empty and not required) or param_kind is inspect.Parameter.POSITIONAL_ONLY:
         optional = default is not inspect.Parameter.empty
         nargs = ("*" if optional else "+") if many else ("?" if optional else None)
-        parser.add_argument(name, type=kind, nargs=nargs, choices=choices, **({"default": default} if optional else {}))
+        parser.add_argument(name, type=kind, nargs=nargs, choices=choices, help=described,
+                            **({"default": default} if optional else {}))
         if optional and not many:  # also spelled as an option (--source PATH for SOURCE)
             parser.add_argument(f"--{name.replace('_', '-')}", dest=f"{name}{OPTION_SPELLING}", type=kind,
                                 choices=choices, metavar=name.upper(), help=f"the same as {name.upper()}")
         return
     flags = [f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, [])]
+    note = "(required)" if required else "" if default is None and described else f"(default: {default})"
     if annotation is bool:
-        parser.add_argument(*flags, dest=dest or name, action=argparse.BooleanOptionalAction, default=default)
+        parser.add_argument(*flags, dest=dest or name, action=argparse.BooleanOptionalAction, default=default,
+                            help=described)
         return
     parser.add_argument(  # a repeated list option adds to the list (--set a=1 --set b=2), never replaces it
         *flags, dest=dest or name, type=kind, nargs="+" if many else None, choices=choices,
         action="extend" if many else "store", metavar=None if choices else name.upper(),
-        **({"required": True, "help": "(required)"} if required else
-           {"default": list(default) if many and default is not None else default, "help": f"(default: {default})"}),
+        help=" ".join(filter(None, (described, note))),
+        **({"required": True} if required else {"default": list(default) if many and default is not None else default}),
     )  # fmt: skip
 
 
@@ -80,7 +91,7 @@ def _add_command(subparsers, fn: Callable, prefix: str | None = None) -> None:
     parser = subparsers.add_parser(
         command, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
     groups = {}  # dataclass parameters: name -> (class, its field names)
     for name, param in inspect.signature(fn).parameters.items():
         annotation = hints.get(name, str)

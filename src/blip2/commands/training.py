@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Annotated
 
 from blip2.data.feature_cache import cache_features as cache_dataset_features
 from blip2.data.feature_cache import encoder_identity
@@ -67,18 +68,27 @@ def plot(run: str, out: str | None = None) -> None:
     print(plot_run(run, out))
 
 
-def demo(full: bool = False, retrain: bool = False, data_root: str | None = None, runs: str | None = None,
-         report: str | None = None, stage1_steps: int | None = None, retrieval_steps: int | None = None,
-         stage2_steps: int | None = None, eval_limit: int | None = None, train_images: int | None = None,
-         test_images: int | None = None, compositional_images: int | None = None) -> None:
+def demo(
+    full: Annotated[bool, "the longer plan aimed at every bar (about 95 minutes)"] = False,
+    retrain: Annotated[bool, "train every phase again instead of reusing a finished one"] = False,
+    data_root: Annotated[str | None, "the shapes world's folder (default: data/shapes, or data/shapes-full)"] = None,
+    runs: Annotated[str | None, "where each phase's run goes (default: runs/demo, or runs/full)"] = None,
+    report: Annotated[str | None, "the report's folder (default: reports/demo, or reports/full)"] = None,
+    stage1_steps: Annotated[int | None, "stage-1 steps (default: the plan's)"] = None,
+    retrieval_steps: Annotated[int | None, "retrieval fine-tune steps (default: the plan's)"] = None,
+    stage2_steps: Annotated[int | None, "steps of each stage-2 phase (default: the plan's)"] = None,
+    eval_limit: Annotated[int | None, "items evaluated per split (default: the plan's, 60 or 200)"] = None,
+    train_images: Annotated[int | None, "training scenes (default: the plan's, 1,000 or 6,000)"] = None,
+    test_images: Annotated[int | None, "test scenes (default: 1,000)"] = None,
+    compositional_images: Annotated[int | None, "compositional scenes (default: the plan's, 200 or 300)"] = None,
+) -> None:
     """The main job: generate the shapes world, train stage 1 (then fine-tune it for retrieval) and stage 2 from
     the offline parts, evaluate retrieval, VQA, captions and chat against the untrained model and the blind prior,
     and write a report (metrics, training curves, captioned test images, a chat transcript). About 20 minutes on a
     2-core CPU (data/shapes, runs/demo, reports/demo). --full runs the longer plan that aims at every quality bar
     (6,000 training scenes; data/shapes-full, runs/full, reports/full; about 95 minutes on the same CPU). Kill it and
-    run it again: it continues where it stopped; a trained phase is reused unless --retrain.
-    --stage1-steps/--retrieval-steps/--stage2-steps (each stage-2 phase) change the plan's lengths, --train-images
-    its data; --test-images and --compositional-images size the evaluation splits (a quick try: a few of each)."""
+    run it again: it continues where it stopped; a trained phase is reused unless --retrain. A quick try: a few
+    steps of each phase and a few images of each split (the options below)."""
     given = {name: value for name, value in (("data_root", data_root), ("runs", runs), ("report", report),
                                              ("eval_limit", eval_limit)) if value is not None}
     config = (DemoConfig.full_plan if full else DemoConfig)(
