@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Literal
+from typing import Annotated, Literal
 
 from blip2.search import BuildReport, Index
 from blip2.search.ann import readable_bytes
@@ -19,11 +19,11 @@ def index_build(
     *,
     out: str,
     model: str = "default",
-    backend: Literal["faiss", "milvus"] | None = None,
-    uri: str | None = None,
-    collection: str | None = None,
-    index_type: Literal["auto", "flat", "hnsw", "ivfpq"] | None = None,
-    memory_budget: str | None = None,
+    backend: Annotated[Literal["faiss", "milvus"] | None, "where the vectors go (default: faiss)"] = None,
+    uri: Annotated[str | None, "a Milvus server, http://HOST:19530 (default: milvus-lite in --out)"] = None,
+    collection: Annotated[str | None, "the Milvus collection (default: a new one named after the model)"] = None,
+    index_type: Annotated[Literal["auto", "flat", "hnsw", "ivfpq"] | None, "the FAISS index (default: auto)"] = None,
+    memory_budget: Annotated[str | None, "for auto, e.g. 8G (default: half this machine's memory)"] = None,
     batch_size: int = 32,
     json_output: bool = False,
 ) -> int:
@@ -93,13 +93,13 @@ def search(
     index: str,
     query: str | None = None,
     /,
-    image: str | None = None,
+    image: Annotated[str | None, "search by this image instead of a text"] = None,
     k: int = 10,
     rerank: int = 0,
-    model: str | None = None,
-    candidates: int | None = None,
+    model: Annotated[str | None, "the model that built the index (default: the recorded one)"] = None,
+    candidates: Annotated[int | None, "images an approximate index re-scores exactly (default: 4 x k, >= 40)"] = None,
     json_output: bool = False,
-    html: str | None = None,
+    html: Annotated[str | None, "also write a contact sheet (an HTML file) here"] = None,
 ) -> None:
     """Search INDEX for the images that best match QUERY (text), or --image PATH (image to image).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
@@ -18,8 +19,8 @@ def serve(
     model: str = "default",
     host: str = "127.0.0.1",
     port: int = 8000,
-    api_key: str | None = None,
-    model_name: str | None = None,
+    api_key: Annotated[str | None, "require this bearer key on /v1 (default: $BLIP2_API_KEY, else none)"] = None,
+    model_name: Annotated[str | None, "the model's name for clients (default: the --model value)"] = None,
     device: str = "cpu",
     max_batch_size: int = 32,
     max_queue: int = 64,
@@ -30,8 +31,8 @@ def serve(
     max_image_pixels: int = 50_000_000,
     allow_remote_images: bool = False,
     remote_image_timeout: float = 10.0,
-    allowed_local_media_path: str | None = None,
-    index: str | None = None,
+    allowed_local_media_path: Annotated[str | None, "read file:// images only under this folder"] = None,
+    index: Annotated[str | None, "a `blip2 index build` folder: adds /v1/search and the search tab"] = None,
     app: bool = True,
     threads: int = 0,
     log_level: str = "info",

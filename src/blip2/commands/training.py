@@ -50,7 +50,8 @@ def cache_features(data: list[str], out: str = "features", model: str = "default
     print(f"features written to {out}")
 
 
-def train(recipe: str, set: list[str] | None = None, resume: str | None = None) -> None:
+def train(recipe: str, set: Annotated[list[str] | None, "KEY=VALUE recipe overrides"] = None,
+          resume: Annotated[str | None, "auto (the newest complete checkpoint) or a step folder"] = None) -> None:
     """Train the stage a RECIPE describes (a YAML file, or a packaged recipe by name: shapes_stage1,
     shapes_retrieval, shapes_stage2_warmup, shapes_stage2, shapes_vqa); under torchrun this runs data-parallel.
 
