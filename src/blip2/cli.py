@@ -2,11 +2,12 @@
 
 The parser is derived from the function's signature: positional parameters become positional arguments,
 keyword parameters become ``--options`` (``bool`` ones become flags, ``list[...]`` ones take several values,
-``Literal[...]`` ones take one of their values; ``Annotated[type, "help"]`` gives the option its help line). A parameter whose type is a dataclass (e.g. the generation
-options) contributes one ``--option`` per field and is rebuilt from them before the call. A positional-only
-parameter with a default (before ``/``) is an optional positional argument; a keyword-only one without a default
-(after ``*``) is a required ``--option``. A ``(name, [functions])`` entry of
-``COMMANDS`` is a command group: ``blip2 name build`` runs ``name_build`` (the ``name_`` prefix is dropped).
+``Literal[...]`` ones take one of their values; ``Annotated[type, "help"]`` gives the option its help line). A
+parameter whose type is a dataclass (e.g. the generation options) contributes one ``--option`` per field and is
+rebuilt from them before the call. A positional-only parameter with a default (before ``/``) is an optional
+positional argument; a keyword-only one without a default (after ``*``) is a required ``--option``. A
+``(name, [functions])`` entry of ``COMMANDS`` is a command group: ``blip2 name build`` runs ``name_build`` (the
+``name_`` prefix is dropped).
 """
 
 from __future__ import annotations

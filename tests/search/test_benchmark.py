@@ -37,7 +37,7 @@ def test_a_failing_part_still_removes_the_temporary_scratch_folder(monkeypatch, 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp puts the scratch folder
     monkeypatch.setattr(sys, "argv", ["search.py", "--part", "shapes", "--model", str(tmp_path / "no-model"),
                                       "--limit", "2"])  # fmt: skip
-    with pytest.raises(Exception):  # noqa: B017 - whatever the missing model raises
+    with pytest.raises(FileNotFoundError):  # the model folder
         runpy.run_path(str(BENCHMARK), run_name="__main__")
     assert not list(tmp_path.glob("blip2-search-bench-*"))
 

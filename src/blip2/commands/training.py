@@ -70,18 +70,18 @@ def plot(run: str, out: str | None = None) -> None:
 
 
 def demo(
-    full: Annotated[bool, "the longer plan aimed at every bar (about 95 minutes)"] = False,
+    full: Annotated[bool, "the longer plan aimed at every bar (above)"] = False,
     retrain: Annotated[bool, "train every phase again instead of reusing a finished one"] = False,
-    data_root: Annotated[str | None, "the shapes world's folder (default: data/shapes, or data/shapes-full)"] = None,
-    runs: Annotated[str | None, "where each phase's run goes (default: runs/demo, or runs/full)"] = None,
-    report: Annotated[str | None, "the report's folder (default: reports/demo, or reports/full)"] = None,
+    data_root: Annotated[str | None, "the shapes world's folder (default: the plan's, above)"] = None,
+    runs: Annotated[str | None, "where each phase's run goes (default: the plan's, above)"] = None,
+    report: Annotated[str | None, "the report's folder (default: the plan's, above)"] = None,
     stage1_steps: Annotated[int | None, "stage-1 steps (default: the plan's)"] = None,
     retrieval_steps: Annotated[int | None, "retrieval fine-tune steps (default: the plan's)"] = None,
     stage2_steps: Annotated[int | None, "steps of each stage-2 phase (default: the plan's)"] = None,
-    eval_limit: Annotated[int | None, "items evaluated per split (default: the plan's, 60 or 200)"] = None,
-    train_images: Annotated[int | None, "training scenes (default: the plan's, 1,000 or 6,000)"] = None,
-    test_images: Annotated[int | None, "test scenes (default: 1,000)"] = None,
-    compositional_images: Annotated[int | None, "compositional scenes (default: the plan's, 200 or 300)"] = None,
+    eval_limit: Annotated[int | None, "items evaluated per split (default: the plan's)"] = None,
+    train_images: Annotated[int | None, "training scenes (default: the plan's)"] = None,
+    test_images: Annotated[int | None, "test scenes (default: the plan's)"] = None,
+    compositional_images: Annotated[int | None, "compositional scenes (default: the plan's)"] = None,
 ) -> None:
     """The main job: generate the shapes world, train stage 1 (then fine-tune it for retrieval) and stage 2 from
     the offline parts, evaluate retrieval, VQA, captions and chat against the untrained model and the blind prior,
