@@ -160,3 +160,28 @@ def test_a_resumed_run_with_lr_scales_freezes_the_same_and_takes_the_new_scales(
     trainer = Trainer(TinyNet(), noisy_loss, Regression(20), cfg)
     trainer.fit()
     assert sorted(g["lr_scale"] for g in trainer.optimizer.param_groups) == [1.0, 2.0, 2.0]  # the new config's
+
+
+def test_a_fused_optimizer_run_resumes_exactly_and_a_resume_takes_the_setting_it_is_given(tmp_path):
+    model_a, _ = train(tmp_path / "a", Regression(20), fused_optimizer=True)
+    calls = []
+
+    def crashes_in_step_7(model, batch):
+        calls.append(batch)
+        if len(calls) == 13:  # two micro-batches per step
+            raise Crash
+        return noisy_loss(model, batch)
+
+    with pytest.raises(Crash):
+        train(tmp_path / "b", Regression(20), crashes_in_step_7, fused_optimizer=True)
+    model_b, _ = train(tmp_path / "b", Regression(20), fused_optimizer=True, resume="auto")
+    assert_same_run(tmp_path / "a", model_a, tmp_path / "b", model_b)
+
+    loop_checkpoint = tmp_path / "a-loop" / "checkpoints" / "step-000004"
+    train(tmp_path / "a-loop", Regression(20), steps=4)
+    for fused in (True, False):  # the checkpoint's own setting (the loop) must not win over the resumed run's
+        cfg = TrainConfig(**{**RANDOM_RUN, "out_dir": str(tmp_path / f"resumed-{fused}"),
+                             "resume": str(loop_checkpoint), "fused_optimizer": fused})
+        trainer = Trainer(TinyNet(), noisy_loss, Regression(20), cfg)
+        trainer.fit()
+        assert [bool(g["fused"]) for g in trainer.optimizer.param_groups] == [fused] * 2

@@ -267,6 +267,17 @@ def test_group_lr_scales_reach_the_optimizer(tmp_path):
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([3e-4, 3e-4, 3e-3])
 
 
+def test_the_fused_optimizer_trains_what_the_loop_trains_up_to_rounding(tmp_path):
+    models = {}
+    for fused in (False, True):
+        models[fused] = TinyNet(dropout=0.0)
+        trainer = Trainer(models[fused], mean_loss, Regression(), config(tmp_path / str(fused), fused_optimizer=fused))
+        trainer.fit()
+        assert [bool(g["fused"]) for g in trainer.optimizer.param_groups] == [fused] * 2
+    assert trained_weights(models[True]) != trained_weights(TinyNet(dropout=0.0))  # it trained
+    torch.testing.assert_close(trained_weights(models[True]), trained_weights(models[False]), rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     big = TinyNet(dropout=0.0)
     Trainer(big, mean_loss, Regression(), config(tmp_path / "big", batch_size=8)).fit()

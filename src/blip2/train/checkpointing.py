@@ -169,7 +169,7 @@ def optimizer_to_files(state_dict: dict[str, Any], names: list[str]) -> tuple[di
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-CONFIGURED_GROUP_OPTIONS = ("lr_scale", "weight_decay")  # set from TrainConfig, not state the optimizer learned
+CONFIGURED_GROUP_OPTIONS = ("lr_scale", "weight_decay", "fused")  # set from TrainConfig, not state the optimizer learned
 
 
 def optimizer_from_files(

@@ -25,7 +25,9 @@ class TrainConfig:
     ``resume`` is None, "auto" (the newest complete checkpoint in ``out_dir``, if any) or a checkpoint folder;
     ``fsdp`` shards the model across torchrun processes; ``lr_scales`` maps parameter-name prefixes to multipliers
     of ``lr`` (the longest matching prefix wins; 0 freezes), e.g. ``{qformer: 0, vision_norm: 0}`` trains only
-    the LLM projection in stage 2 (``scaled_param_groups``).
+    the LLM projection in stage 2 (``scaled_param_groups``); ``fused_optimizer`` runs AdamW as torch's fused kernel
+    (one pass over every parameter: on a 2-core CPU about 5x faster than the per-tensor loop, 4-8% off a demo
+    step), which rounds differently, so a run trains a slightly different model than with the loop (the default).
     """
 
     steps: int
@@ -46,6 +48,7 @@ class TrainConfig:
     resume: str | None = None
     fsdp: bool = False
     lr_scales: dict[str, float] = field(default_factory=dict)
+    fused_optimizer: bool = False
 
     def __post_init__(self) -> None:
         at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "keep_last": 1, "log_every": 1,

@@ -251,7 +251,8 @@ class Trainer:
         elif self.world > 1:
             self.engine = wrap_ddp(self.engine, self.device)
         groups = build_param_groups(self.model, cfg, param_groups)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        fused = True if cfg.fused_optimizer else None  # None: torch's default (fused=False would also turn foreach off)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         names = {id(p): name for name, p in self.model.named_parameters()}
         self._trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._param_names = [names[id(p)] for p in self._trainable]
