@@ -1,11 +1,16 @@
 """Training steps of the demo's phases through the real `blip2 train` path (its recipes, the Trainer, the feature
-cache, bf16 autocast where the CPU has it), with the frozen ``nn.Linear`` weights held in bf16 for the steps
-(``FrozenWeightCopies``) against the step before it, in which autocast cast every frozen fp32 weight (the LLM's
-135M) at every forward.
+cache, bf16 autocast where the CPU has it), two comparisons (``--against``):
 
-Same data, same seed, same recipe: every logged loss must be equal, bit for bit (the copies hold exactly what
-autocast's cast gives). Step times come from the run's own ``metrics.jsonl`` (``elapsed_s`` logged every step;
-the first two steps are left out). ``python benchmarks/train_step.py [--quick]``.
+- ``copies`` (default): the frozen ``nn.Linear`` weights held in bf16 for the steps (``FrozenWeightCopies``)
+  against the step before it, in which autocast cast every frozen fp32 weight (the LLM's 135M) at every forward,
+  on the demo's two stage-2 phases. Every logged loss must be equal, bit for bit (the copies hold exactly what
+  autocast's cast gives).
+- ``loop``: AdamW as torch's fused kernel (``train.fused_optimizer``) against its per-tensor loop, on the full
+  plan's stage 1 and main stage-2 phase. The two round differently, so the losses agree only to rounding; the
+  largest difference of a logged loss is printed.
+
+Same data, same seed, same recipe. Step times come from the run's own ``metrics.jsonl`` (``elapsed_s`` logged every
+step; the first two steps are left out). ``python benchmarks/train_step.py [--quick] [--against loop]``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from unittest import mock
 import common
 
 from blip2.data.feature_cache import cache_features, encoder_identity
-from blip2.demo.run import DemoConfig, Phase, recipe
+from blip2.demo.run import FULL, DemoConfig, Phase, recipe
 from blip2.demo.shapes import ShapesConfig, generate
 from blip2.factory import build
 from blip2.train import trainer
@@ -32,6 +37,10 @@ PHASES = (  # the demo's stage-2 phases (stage 1 runs no frozen Linear: its enco
     # from a fresh model (`init=null`): timing does not depend on the weights
     Phase("stage 2, projection alone (shapes_stage2_warmup)", "shapes_stage2_warmup", None, "stage2", ("init=null",)),
     Phase("stage 2, Q-Former reading the question (shapes_vqa)", "shapes_vqa", None, "stage2", ("init=null",)),
+)
+FULL_PHASES = tuple(  # the full plan's stage 1 and main stage-2 phase, its overrides but a fresh model
+    Phase(f"full plan, {p.name} ({p.recipe})", p.recipe, None, p.steps, (*p.set, "init=null"))
+    for p in FULL if p.name in ("stage1", "stage2")
 )
 
 
@@ -58,9 +67,10 @@ def world(root: Path, train: int) -> DemoConfig:
     return cfg
 
 
-def run(phase: Phase, cfg: DemoConfig, out: Path, steps: int) -> tuple[list[float], list[float]]:
-    """Train ``steps`` steps of ``phase``; (seconds of each step after the first two, the loss of every step)."""
-    overrides = (*phase.set, f"train.steps={steps}", "train.log_every=1", "train.save_every=0")
+def run(phase: Phase, cfg: DemoConfig, out: Path, steps: int, *extra: str) -> tuple[list[float], list[float]]:
+    """Train ``steps`` steps of ``phase`` (``extra`` overrides last); (seconds of each step after the first two, the
+    loss of every step)."""
+    overrides = (*phase.set, f"train.steps={steps}", "train.log_every=1", "train.save_every=0", *extra)
     one = dataclasses.replace(cfg, runs=str(out))
     run_recipe(recipe(Phase(phase.recipe, phase.recipe, None, phase.steps, overrides), one))
     records = [json.loads(line) for line in (out / phase.recipe / "metrics.jsonl").read_text().splitlines()]
@@ -68,29 +78,49 @@ def run(phase: Phase, cfg: DemoConfig, out: Path, steps: int) -> tuple[list[floa
     return [b - a for a, b in zip(elapsed[1:], elapsed[2:])], [r["losses"]["loss"] for r in records]
 
 
+def side(against: str, name: str) -> tuple[contextlib.AbstractContextManager, tuple[str, ...]]:
+    """How one side of a comparison runs: (the context it trains in, its extra overrides)."""
+    if against == "loop":
+        return contextlib.nullcontext(), (f"train.fused_optimizer={str(name == 'this').lower()}",)
+    return (step_before() if name == "before" else contextlib.nullcontext()), ()
+
+
 def main() -> None:
-    args = common.parser(__doc__.splitlines()[0]).parse_args()
+    options = common.parser(__doc__.splitlines()[0])
+    options.add_argument("--against", choices=("copies", "loop"), default="copies",
+                         help="copies: the frozen weights' bf16 copies against autocast's casts (stage 2); "
+                              "loop: the fused AdamW against its per-tensor loop (the full plan's phases)")
+    args = options.parse_args()
     repeats = common.setup(args, default_repeats=2)
     steps = 4 if args.quick else 12
-    phases = PHASES[:1] if args.quick else PHASES
+    phases = PHASES if args.against == "copies" else FULL_PHASES
+    phases = phases[:1] if args.quick else phases
+    before = "autocast casting every step" if args.against == "copies" else "AdamW's per-tensor loop"
+    this = "bf16 copies" if args.against == "copies" else "fused AdamW"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = world(Path(tmp), train=16 if args.quick else 400)
         for phase in phases:
             seconds, losses = {"this": [], "before": []}, {}
             for repeat in range(repeats):  # interleaved: this, before, this, before, ...
-                for side in seconds:
-                    with step_before() if side == "before" else contextlib.nullcontext():
-                        times, losses[side] = run(phase, cfg, Path(tmp) / f"{side}-{repeat}", steps)
-                    seconds[side] += times
-            assert losses["this"] == losses["before"], (phase.name, losses)  # bit for bit, every step
+                for name in seconds:
+                    context, extra = side(args.against, name)
+                    with context:
+                        times, losses[name] = run(phase, cfg, Path(tmp) / f"{name}-{repeat}", steps, *extra)
+                    seconds[name] += times
+            if args.against == "copies":
+                assert losses["this"] == losses["before"], (phase.name, losses)  # bit for bit, every step
             ratio = statistics.median(seconds["before"]) / statistics.median(seconds["this"])
-            rows.append((phase, seconds, losses["this"], ratio))
-    print(f"\ntraining steps of the demo's phases, {steps} steps per run ({steps - 2} timed), {repeats} interleaved "
-          "runs per side; median (min-max) seconds per step\n")
+            rows.append((phase, seconds, losses, ratio))
+    print(f"\ntraining steps, {this} (this) against {before} (before), {steps} steps per run ({steps - 2} timed), "
+          f"{repeats} interleaved runs per side; median (min-max) seconds per step\n")
     common.table(
-        ["phase", "this: s/step", "before: s/step", "losses (this), first / last"],
-        [(p.name, common.spread(s["this"]), common.spread(s["before"]), f"{loss[0]:.4f} / {loss[-1]:.4f}")
+        ["phase", "this: s/step", "before: s/step", "mean, this / before", "losses (this), first / last",
+         "largest loss difference"],
+        [(p.name, common.spread(s["this"]), common.spread(s["before"]),
+          f"{statistics.mean(s['this']):.3f} / {statistics.mean(s['before']):.3f} s",
+          f"{loss['this'][0]:.4f} / {loss['this'][-1]:.4f}",
+          f"{max(abs(a - b) for a, b in zip(loss['this'], loss['before'])):.2g}")
          for p, s, loss, _ in rows],
     )  # fmt: skip
     for phase, _, _, ratio in rows:

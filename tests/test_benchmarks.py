@@ -86,6 +86,13 @@ def test_train_step_times_a_demo_phase_both_ways_through_the_real_trainer(run_sc
     assert len(ratios(out)) == 1 and "before / this" in out
 
 
+def test_train_step_times_the_fused_optimizer_against_the_loop_on_the_full_plan(run_script):
+    out = run_script("train_step", "--against", "loop")
+    assert "fused AdamW (this) against AdamW's per-tensor loop (before)" in out
+    assert "| full plan, stage1 (shapes_stage1) |" in out
+    assert len(ratios(out)) == 1
+
+
 def test_feature_cache_compares_cache_and_images(run_script):
     out = run_script("feature_cache")
     assert "| feature cache |" in out and "| images |" in out

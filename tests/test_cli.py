@@ -210,3 +210,12 @@ def test_annotated_options_carry_their_help_line_and_keep_their_type(capsys):
     assert "--stage1-steps STAGE1_STEPS stage-1 steps (default: the plan's)" in shown
     assert "--full, --no-full the longer plan aimed at every bar" in shown
     assert "(default: None)" not in shown  # an option with a help line says its default in words
+
+
+@pytest.mark.parametrize("command", ["eval", "capfilt", "caption", "ask", "chat", "embed", "cache-features", "plot",
+                                     "train", "demo", "serve", "search"])
+def test_no_option_shows_a_bare_none_default(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split()).replace("--seed SEED (default: None)", "")  # seed: no seed
+    assert "(default: None)" not in shown

@@ -161,9 +161,13 @@ def test_image_urls_from_the_network_and_the_disk_with_their_limits(serve, pngs,
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_goes_away_frees_its_row_at_once(serve, pngs, data_url, monkeypatch, stream):
     server, engine = serve("llama", engine=dict(max_batch=1, max_queue=0))
-    forward = engine.llm.model.forward
+    forward, calls = engine.llm.model.forward, []
+    seen = threading.Event()  # decoding waits until the test has seen the request hold the row: no race with a busy CPU
 
     def slow_forward(*args, **kwargs):  # a few ms per step, so that 200 tokens outlast the client
+        calls.append(None)
+        if len(calls) > 1:  # the prompt's forward runs; the decode steps wait
+            seen.wait(timeout=60)
         time.sleep(0.005)
         return forward(*args, **kwargs)
 
@@ -177,8 +181,10 @@ def test_a_client_that_goes_away_frees_its_row_at_once(serve, pngs, data_url, mo
                 next(response.iter_lines())  # the first chunk
                 while not (engine.running or engine.stats.finished or engine.stats.failed):
                     time.sleep(0.01)  # until the request takes the only row
-                assert engine.running, (engine.stats, next(response.iter_lines(), None))
+                assert engine.running, engine.stats
+                seen.set()
         else:
+            seen.set()
             with pytest.raises(httpx.ReadTimeout):
                 http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(5.0, read=0.2))
         while engine.running or engine.waiting:  # the disconnect reaches the engine

@@ -58,21 +58,26 @@ def assert_same_run(run_a, model_a, run_b, model_b):
     assert logged(run_b) == logged(run_a)
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["map-style", "iterable"])
-def test_a_crashed_run_resumes_to_identical_weights(tmp_path, stream):
-    data = RegressionStream if stream else Regression
-    model_a, _ = train(tmp_path / "a", data(20))
-
+def crashing_in_step_7():
+    """``noisy_loss`` that raises ``Crash`` in step 7 of a ``RANDOM_RUN`` (after the step-4 checkpoint)."""
     calls = []
 
-    def crashes_in_step_7(model, batch):
+    def loss(model, batch):
         calls.append(batch)
         if len(calls) == 13:  # two micro-batches per step
             raise Crash
         return noisy_loss(model, batch)
 
+    return loss
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["map-style", "iterable"])
+def test_a_crashed_run_resumes_to_identical_weights(tmp_path, stream):
+    data = RegressionStream if stream else Regression
+    model_a, _ = train(tmp_path / "a", data(20))
+
     with pytest.raises(Crash):
-        train(tmp_path / "b", data(20), crashes_in_step_7)
+        train(tmp_path / "b", data(20), crashing_in_step_7())
     assert latest_checkpoint(tmp_path / "b").name == "step-000004"
     model_b, result = train(tmp_path / "b", data(20), resume="auto")
     assert result["step"] == 12
@@ -164,16 +169,8 @@ def test_a_resumed_run_with_lr_scales_freezes_the_same_and_takes_the_new_scales(
 
 def test_a_fused_optimizer_run_resumes_exactly_and_a_resume_takes_the_setting_it_is_given(tmp_path):
     model_a, _ = train(tmp_path / "a", Regression(20), fused_optimizer=True)
-    calls = []
-
-    def crashes_in_step_7(model, batch):
-        calls.append(batch)
-        if len(calls) == 13:  # two micro-batches per step
-            raise Crash
-        return noisy_loss(model, batch)
-
     with pytest.raises(Crash):
-        train(tmp_path / "b", Regression(20), crashes_in_step_7, fused_optimizer=True)
+        train(tmp_path / "b", Regression(20), crashing_in_step_7(), fused_optimizer=True)
     model_b, _ = train(tmp_path / "b", Regression(20), fused_optimizer=True, resume="auto")
     assert_same_run(tmp_path / "a", model_a, tmp_path / "b", model_b)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from blip2.errors import InputError
 from blip2.eval.capfilt import capfilt as run_capfilt
@@ -15,9 +15,15 @@ from blip2.pipeline import load
 
 
 def eval_(task: Literal["caption", "vqa", "retrieval", "grounding", "chat"], data: str, model: str = "default",
-          out: str | None = None, limit: int | None = None, k: int = 128, caption_index: int | None = None,
-          features: str | None = None, annotations: str | None = None, batch_size: int = 16,
-          normalize: Literal["official", "always"] | None = None, prior: str | None = None,
+          out: Annotated[str | None, "a folder for the results (JSON and a Markdown table)"] = None,
+          limit: Annotated[int | None, "score only the first N (default: all)"] = None, k: int = 128,
+          caption_index: Annotated[int | None, "retrieval, grounding: only this caption of each image"] = None,
+          features: Annotated[str | None, "a `blip2 cache-features` folder to read instead of images"] = None,
+          annotations: Annotated[str | None, "vqa: the VQAv2 annotations file beside DATA's questions"] = None,
+          batch_size: int = 16,
+          normalize: Annotated[Literal["official", "always"] | None, "vqa: answer normalisation (default: official)"]
+          = None,
+          prior: Annotated[str | None, "vqa, chat: a training set whose blind prior is scored beside"] = None,
           gen: GenerationOptions = GenerationOptions()) -> None:
     """Evaluate a model on a dataset: caption (BLEU-4, METEOR, ROUGE-L, CIDEr), vqa (VQAv2 accuracy),
     retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128),
@@ -58,7 +64,8 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding", "chat"], dat
 
 
 def capfilt(data: str, out: str, model: str = "default", num_captions: int = 3, threshold: float = 0.5, keep: int = 2,
-            score: Literal["itm", "itc"] = "itm", limit: int | None = None, batch_size: int = 16) -> None:
+            score: Literal["itm", "itc"] = "itm", limit: Annotated[int | None, "only the first N images"] = None,
+            batch_size: int = 16) -> None:
     """CapFilt (BLIP): caption every image of DATA with nucleus sampling, score original and synthetic captions
     with ITM (or ITC), and write a cleaned manifest OUT keeping the --keep best captions scoring >= --threshold."""
     run_capfilt(load(model), data, out, num_captions=num_captions, threshold=threshold, keep=keep, score=score,

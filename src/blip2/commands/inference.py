@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image
@@ -31,7 +31,7 @@ CHAT_HELP = "commands: /image PATH (talk about another image), /reset (forget th
 
 def caption(
     images: list[str],
-    prompt: str | None = None,
+    prompt: Annotated[str | None, "a prefix the caption continues, e.g. 'a photo of'"] = None,
     model: str = "default",
     decoder: Literal["llm", "qformer"] = "llm",
     batch_size: int = 8,
@@ -72,7 +72,7 @@ def ask(
     image: str,
     question: str,
     model: str = "default",
-    prompt_template: str | None = None,
+    prompt_template: Annotated[str | None, "the prompt with one {} for the question (default: BLIP-2's)"] = None,
     device: str = "cpu",
     json_output: bool = False,
     gen: GenerationOptions = GenerationOptions(),
@@ -91,7 +91,7 @@ def ask(
 def chat(
     image: str,
     model: str = "default",
-    system: str | None = None,
+    system: Annotated[str | None, "a system message that opens the conversation"] = None,
     device: str = "cpu",
     json_output: bool = False,
     gen: GenerationOptions = CHAT_OPTIONS,
@@ -124,7 +124,7 @@ def chat(
 
 def embed(
     images: list[str],
-    texts: list[str] | None = None,
+    texts: Annotated[list[str] | None, "texts to embed beside the images"] = None,
     output: str = "embeddings.safetensors",
     model: str = "default",
     batch_size: int = 32,

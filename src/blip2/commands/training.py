@@ -35,7 +35,8 @@ def encoder_of(source: str) -> Parts:
     return load_parts(source)
 
 
-def cache_features(data: list[str], out: str = "features", model: str = "default", image_root: str | None = None,
+def cache_features(data: list[str], out: str = "features", model: str = "default",
+                   image_root: Annotated[str | None, "where relative image paths start (default: each manifest's folder)"] = None,
                    batch_size: int = 64, workers: int = 0, dtype: str = "float16") -> None:
     """Run the frozen image encoder once over DATA and store its features in OUT (memory-mapped .npy shards).
 
@@ -64,7 +65,7 @@ def train(recipe: str, set: Annotated[list[str] | None, "KEY=VALUE recipe overri
     print(f"model written to {final}")
 
 
-def plot(run: str, out: str | None = None) -> None:
+def plot(run: str, out: Annotated[str | None, "the PNG to write (default: RUN/curves.png)"] = None) -> None:
     """Draw a run's training curves (one panel per loss component, plus the learning rate) to a PNG."""
     print(plot_run(run, out))
 
