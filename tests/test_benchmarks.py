@@ -86,8 +86,16 @@ def test_train_step_times_a_demo_phase_both_ways_through_the_real_trainer(run_sc
     assert len(ratios(out)) == 1 and "before / this" in out
 
 
-def test_train_step_times_the_fused_optimizer_against_the_loop_on_the_full_plan(run_script):
+def test_train_step_times_the_fused_optimizer_against_the_loop_on_the_full_plan(run_script, monkeypatch):
+    built, adamw = [], torch.optim.AdamW
+
+    def recording_adamw(*args, **kwargs):
+        built.append(kwargs.get("fused"))
+        return adamw(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
     out = run_script("train_step", "--against", "loop")
+    assert built == [True, None]  # this side fused, the other torch's default
     assert "fused AdamW (this) against AdamW's per-tensor loop (before)" in out
     assert "| full plan, stage1 (shapes_stage1) |" in out
     assert len(ratios(out)) == 1

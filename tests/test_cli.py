@@ -3,6 +3,7 @@ then through real subprocesses on the default model."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -212,10 +213,20 @@ def test_annotated_options_carry_their_help_line_and_keep_their_type(capsys):
     assert "(default: None)" not in shown  # an option with a help line says its default in words
 
 
-@pytest.mark.parametrize("command", ["eval", "capfilt", "caption", "ask", "chat", "embed", "cache-features", "plot",
-                                     "train", "demo", "serve", "search"])
-def test_no_option_shows_a_bare_none_default(command, capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args([command, "--help"])
-    shown = " ".join(capsys.readouterr().out.split()).replace("--seed SEED (default: None)", "")  # seed: no seed
-    assert "(default: None)" not in shown
+def commands(parser, prefix=()):
+    """Every (sub)command's words, e.g. ("index", "build"), found through the parser's subparsers."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from commands(sub, (*prefix, name))
+
+
+def test_no_option_shows_a_bare_none_default(capsys):
+    found = list(commands(build_parser()))
+    assert ("eval",) in found and ("index", "build") in found
+    for words in found:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*words, "--help"])
+        shown = " ".join(capsys.readouterr().out.split()).replace("--seed SEED (default: None)", "")  # no seed
+        assert "(default: None)" not in shown, words

@@ -162,36 +162,44 @@ def test_image_urls_from_the_network_and_the_disk_with_their_limits(serve, pngs,
 def test_a_client_that_goes_away_frees_its_row_at_once(serve, pngs, data_url, monkeypatch, stream):
     server, engine = serve("llama", engine=dict(max_batch=1, max_queue=0))
     forward, calls = engine.llm.model.forward, []
-    seen = threading.Event()  # decoding waits until the test has seen the request hold the row: no race with a busy CPU
+    gone = threading.Event()  # decoding waits until the client has gone and the server has cancelled its request
 
     def slow_forward(*args, **kwargs):  # a few ms per step, so that 200 tokens outlast the client
         calls.append(None)
-        if len(calls) > 1:  # the prompt's forward runs; the decode steps wait
-            seen.wait(timeout=60)
+        if len(calls) > 1:  # the prompt's forward runs; the decode steps wait (at most a minute, should the test fail)
+            gone.wait(timeout=60)
         time.sleep(0.005)
         return forward(*args, **kwargs)
+
+    def cancelled() -> bool:  # the request holding the row has been cancelled (or none holds it)
+        return not engine.running or engine._rows[0].handle.cancelled
 
     monkeypatch.setattr(engine.llm.model, "forward", slow_forward)
     body = {"messages": [{"role": "user", "content": "w1 w2 w3"}], "max_tokens": 200, "stream": stream,
             "temperature": 1.0, "seed": 0}  # fmt: skip
-    with httpx.Client(base_url=server.url) as http:
-        if stream:
-            with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                assert response.status_code == 200
-                next(response.iter_lines())  # the first chunk
-                while not (engine.running or engine.stats.finished or engine.stats.failed):
-                    time.sleep(0.01)  # until the request takes the only row
-                assert engine.running, engine.stats
-                seen.set()
-        else:
-            seen.set()
-            with pytest.raises(httpx.ReadTimeout):
-                http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(5.0, read=0.2))
-        while engine.running or engine.waiting:  # the disconnect reaches the engine
-            time.sleep(0.01)
-        assert engine.stats.finished == {"cancelled": 1} and engine.stats.generated_tokens < 200
-        again = http.post("/v1/chat/completions", json=body | {"stream": False, "max_tokens": 2})
-        assert again.status_code == 200
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            if stream:
+                with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    assert response.status_code == 200
+                    next(response.iter_lines())  # the first chunk
+                    while not (engine.running or engine.stats.finished or engine.stats.failed):
+                        time.sleep(0.01)  # until the request takes the only row
+                    assert engine.running, engine.stats
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    http.post("/v1/chat/completions", json=body, timeout=httpx.Timeout(5.0, read=0.2))
+            while not cancelled():  # the disconnect reaches the server while the engine waits in a decode step
+                time.sleep(0.01)
+            gone.set()
+            while engine.running or engine.waiting:  # and the engine frees the row at its next step
+                time.sleep(0.01)
+            assert engine.stats.finished == {"cancelled": 1}
+            assert engine.stats.generated_tokens <= 2  # the prompt's first token and the step in flight
+            again = http.post("/v1/chat/completions", json=body | {"stream": False, "max_tokens": 2})
+            assert again.status_code == 200
+    finally:
+        gone.set()
 
 
 def test_health_and_metrics(serve, pngs, data_url):

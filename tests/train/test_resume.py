@@ -174,11 +174,12 @@ def test_a_fused_optimizer_run_resumes_exactly_and_a_resume_takes_the_setting_it
     model_b, _ = train(tmp_path / "b", Regression(20), fused_optimizer=True, resume="auto")
     assert_same_run(tmp_path / "a", model_a, tmp_path / "b", model_b)
 
-    loop_checkpoint = tmp_path / "a-loop" / "checkpoints" / "step-000004"
     train(tmp_path / "a-loop", Regression(20), steps=4)
-    for fused in (True, False):  # the checkpoint's own setting (the loop) must not win over the resumed run's
-        cfg = TrainConfig(**{**RANDOM_RUN, "out_dir": str(tmp_path / f"resumed-{fused}"),
-                             "resume": str(loop_checkpoint), "fused_optimizer": fused})
+    checkpoints = {False: tmp_path / "a-loop" / "checkpoints" / "step-000004",
+                   True: tmp_path / "a" / "checkpoints" / "step-000008"}
+    for saved, fused in ((False, True), (False, False), (True, False)):  # the checkpoint's setting must not win
+        cfg = TrainConfig(**{**RANDOM_RUN, "out_dir": str(tmp_path / f"resumed-{saved}-{fused}"),
+                             "resume": str(checkpoints[saved]), "fused_optimizer": fused})
         trainer = Trainer(TinyNet(), noisy_loss, Regression(20), cfg)
         trainer.fit()
         assert [bool(g["fused"]) for g in trainer.optimizer.param_groups] == [fused] * 2

@@ -18,12 +18,12 @@ def eval_(task: Literal["caption", "vqa", "retrieval", "grounding", "chat"], dat
           out: Annotated[str | None, "a folder for the results (JSON and a Markdown table)"] = None,
           limit: Annotated[int | None, "score only the first N (default: all)"] = None, k: int = 128,
           caption_index: Annotated[int | None, "retrieval, grounding: only this caption of each image"] = None,
-          features: Annotated[str | None, "a `blip2 cache-features` folder to read instead of images"] = None,
+          features: Annotated[str | None, "a `blip2 cache-features` folder to read instead of images (not chat)"] = None,
           annotations: Annotated[str | None, "vqa: the VQAv2 annotations file beside DATA's questions"] = None,
           batch_size: int = 16,
           normalize: Annotated[Literal["official", "always"] | None, "vqa: answer normalisation (default: official)"]
           = None,
-          prior: Annotated[str | None, "vqa, chat: a training set whose blind prior is scored beside"] = None,
+          prior: Annotated[str | None, "vqa, chat: a training set whose blind prior is scored beside the model's"] = None,
           gen: GenerationOptions = GenerationOptions()) -> None:
     """Evaluate a model on a dataset: caption (BLEU-4, METEOR, ROUGE-L, CIDEr), vqa (VQAv2 accuracy),
     retrieval (R@1/5/10 both directions, ITC alone and ITC+ITM re-rank of the top --k; the paper uses 128),

@@ -31,7 +31,7 @@ CHAT_HELP = "commands: /image PATH (talk about another image), /reset (forget th
 
 def caption(
     images: list[str],
-    prompt: Annotated[str | None, "a prefix the caption continues, e.g. 'a photo of'"] = None,
+    prompt: Annotated[str | None, "a prefix the caption continues, e.g. 'a photo of' (llm decoder only)"] = None,
     model: str = "default",
     decoder: Literal["llm", "qformer"] = "llm",
     batch_size: int = 8,
@@ -91,7 +91,7 @@ def ask(
 def chat(
     image: str,
     model: str = "default",
-    system: Annotated[str | None, "a system message that opens the conversation"] = None,
+    system: Annotated[str | None, "a system message that opens the conversation (default: the chat template's own)"] = None,
     device: str = "cpu",
     json_output: bool = False,
     gen: GenerationOptions = CHAT_OPTIONS,

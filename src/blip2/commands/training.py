@@ -36,7 +36,7 @@ def encoder_of(source: str) -> Parts:
 
 
 def cache_features(data: list[str], out: str = "features", model: str = "default",
-                   image_root: Annotated[str | None, "where relative image paths start (default: each manifest's folder)"] = None,
+                   image_root: Annotated[str | None, "where relative image paths start (default: each data file's folder)"] = None,
                    batch_size: int = 64, workers: int = 0, dtype: str = "float16") -> None:
     """Run the frozen image encoder once over DATA and store its features in OUT (memory-mapped .npy shards).
 

@@ -27,8 +27,8 @@ class TrainConfig:
     of ``lr`` (the longest matching prefix wins; 0 freezes), e.g. ``{qformer: 0, vision_norm: 0}`` trains only
     the LLM projection in stage 2 (``scaled_param_groups``); ``fused_optimizer`` runs AdamW as torch's fused kernel
     (one pass over every parameter: on a 2-core CPU about 5x faster than the per-tensor loop, the full demo plan's
-    steps about 1.1x faster), which rounds differently, so a run trains a slightly different model than the loop
-    (the default) does.
+    steps about 1.1x faster); it rounds differently, so a run is a different draw than with torch's default (the
+    loop on CPU, foreach on CUDA).
     """
 
     steps: int
