@@ -46,7 +46,8 @@ LOG_LEVELS = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": loggi
 def _help_of(annotation) -> tuple[object, str | None]:
     """(the type, its help line) of ``Annotated[type, "help"]``; (annotation, None) for a plain type."""
     if typing.get_origin(annotation) is typing.Annotated:
-        return annotation.__origin__, next((m for m in annotation.__metadata__ if isinstance(m, str)), None)
+        kind, *metadata = typing.get_args(annotation)
+        return kind, next((m for m in metadata if isinstance(m, str)), None)
     return annotation, None
 
 
