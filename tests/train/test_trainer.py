@@ -281,6 +281,40 @@ def test_the_fused_optimizer_trains_what_the_loop_trains_up_to_rounding(tmp_path
     torch.testing.assert_close(trained_weights(models[True]), trained_weights(models[False]), rtol=1e-5, atol=1e-6)
 
 
+def backward_nodes(fn, seen=None) -> set[str]:
+    """The names of the autograd nodes ``fn`` reaches."""
+    seen = set() if seen is None else seen
+    if fn is None or fn in seen:
+        return set()
+    seen.add(fn)
+    return {type(fn).__name__}.union(*(backward_nodes(nxt, seen) for nxt, _ in fn.next_functions))
+
+
+def test_math_attention_sends_the_forwards_attention_and_its_backward_through_the_math_backend(tmp_path):
+    graphs = {}
+
+    def attention_loss(model, batch):
+        q = model(batch["x"])[:, None, None, :].expand(-1, 1, 3, 2)  # [B, heads 1, L 3, d 2]
+        attended = torch.nn.functional.scaled_dot_product_attention(q, q, q * batch["y"][:, None, None, :1])
+        loss = (attended.mean(dim=(1, 2)) - batch["y"]).pow(2).mean()
+        graphs.setdefault(model, backward_nodes(loss.grad_fn))
+        return {"loss": loss}
+
+    models = {}
+    for math in (False, True):
+        models[math] = TinyNet(dropout=0.0)
+        Trainer(models[math], attention_loss, Regression(), config(tmp_path / str(math), math_attention=math)).fit()
+    assert "ScaledDotProductFlashAttentionForCpuBackward0" in graphs[models[False]]  # torch's own pick on CPU
+    assert "ScaledDotProductFlashAttentionForCpuBackward0" not in graphs[models[True]]
+    assert {"BmmBackward0", "SafeSoftmaxBackward0"} <= graphs[models[True]]  # the math backend: autograd's backward
+    untrained = trained_weights(TinyNet(dropout=0.0))
+    assert all(not torch.equal(w, untrained[k]) for k, w in trained_weights(models[True]).items())  # every part trained
+    torch.testing.assert_close(trained_weights(models[True]), trained_weights(models[False]), rtol=1e-5, atol=1e-6)
+    q = torch.randn(2, 1, 3, 2, requires_grad=True)
+    after = backward_nodes(torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().grad_fn)
+    assert "ScaledDotProductFlashAttentionForCpuBackward0" in after  # torch's choice is back once the step is done
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     big = TinyNet(dropout=0.0)
     Trainer(big, mean_loss, Regression(), config(tmp_path / "big", batch_size=8)).fit()

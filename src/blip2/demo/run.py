@@ -95,8 +95,9 @@ FULL = (
     Phase("retrieval", "shapes_retrieval", "stage1", "retrieval",
           ("train.steps=300", "train.batch_size=64", "train.lr=1e-4", "train.warmup_steps=10")),
     Phase("stage2_warmup", "shapes_stage2_warmup", "stage1", "stage2",
-          ("model.llm.prompt_to_qformer=true", "data.captions_per_image=1", "train.steps=600")),
-    Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2", ("train.steps=2500",)),
+          ("model.llm.prompt_to_qformer=true", "data.captions_per_image=1", "train.steps=600",
+           "train.math_attention=true")),
+    Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2", ("train.steps=2500", "train.math_attention=true")),
 )
 RETRIEVAL_PHASE = "retrieval"  # its model is evaluated for retrieval; the last phase's for everything else
 
@@ -121,7 +122,7 @@ class DemoConfig:
         """The full plan's defaults: its own data (6,000 training scenes), runs and report; 200 items per split."""
         sizes = {"train": 6000, "val": 200, "test": 1000, "compositional": 300}
         return cls(**{"data_root": "data/shapes-full", "runs": "runs/full", "report": "reports/full", "sizes": sizes,
-                      "eval_limit": 200, "baseline_limit": 30, "full": True, **given})
+                      "eval_limit": 200, "baseline_limit": 10, "full": True, **given})
 
     @property
     def phases(self) -> tuple[Phase, ...]:

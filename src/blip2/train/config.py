@@ -28,7 +28,9 @@ class TrainConfig:
     the LLM projection in stage 2 (``scaled_param_groups``); ``fused_optimizer`` runs AdamW as torch's fused kernel
     (one pass over every parameter: on a 2-core CPU about 5x faster than the per-tensor loop, the full demo plan's
     steps about 1.1x faster); it rounds differently, so a run is a different draw than with torch's default (the
-    loop on CPU, foreach on CUDA).
+    loop on CPU, foreach on CUDA); ``math_attention`` runs the training forward's attention through torch's math
+    SDPA backend, whose backward is autograd's (on CPU, torch's flash-attention backward costs about 10x its
+    forward at BLIP-2's short sequences: the demo's stage-2 steps about 1.2x faster), also a different draw.
     """
 
     steps: int
@@ -50,6 +52,7 @@ class TrainConfig:
     fsdp: bool = False
     lr_scales: dict[str, float] = field(default_factory=dict)
     fused_optimizer: bool = False
+    math_attention: bool = False
 
     def __post_init__(self) -> None:
         at_least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "keep_last": 1, "log_every": 1,

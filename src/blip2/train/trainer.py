@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import Dataset
 
 from blip2.config import ConfigError
@@ -355,7 +356,7 @@ class Trainer:
             batch, size = self._next_batch()
             with gradient_sync(self.engine, enabled=micro == accum - 1):
                 with torch.autocast(self.device.type, self.autocast_dtype) if self.autocast_dtype else nullcontext():
-                    with self.frozen_copies.swapped_in():
+                    with self.frozen_copies.swapped_in(), self._attention():
                         out = self.engine(to_device(batch, self.device))
                 if "loss" not in out:
                     raise KeyError(f"loss_fn must return a dict with a 'loss' entry (the total to minimise); "
@@ -370,6 +371,11 @@ class Trainer:
         reduced = all_reduce(torch.cat([totals, torch.tensor([samples], dtype=torch.float64, device=self.device)]))
         means = (reduced[:-1] / self.world).tolist()
         return dict(zip(names, means)), int(reduced[-1].item())
+
+    def _attention(self):
+        """The SDPA backends the forward may use: the math one alone with ``math_attention`` (the backward follows
+        the forward's choice), torch's own pick otherwise."""
+        return sdpa_kernel(SDPBackend.MATH) if self.cfg.math_attention else nullcontext()
 
     def _clip_gradients(self) -> float | None:
         if self.scaler is not None:
