@@ -1,5 +1,5 @@
 """Training steps of the demo's phases through the real `blip2 train` path (its recipes, the Trainer, the feature
-cache, bf16 autocast where the CPU has it), two comparisons (``--against``):
+cache, bf16 autocast where the CPU has it), three comparisons (``--against``):
 
 - ``copies`` (default): the frozen ``nn.Linear`` weights held in bf16 for the steps (``FrozenWeightCopies``)
   against the step before it, in which autocast cast every frozen fp32 weight (the LLM's 135M) at every forward,
@@ -8,9 +8,12 @@ cache, bf16 autocast where the CPU has it), two comparisons (``--against``):
 - ``loop``: AdamW as torch's fused kernel (``train.fused_optimizer``) against its per-tensor loop, on the full
   plan's stage 1 and main stage-2 phase. The two round differently, so the losses agree only to rounding; the
   largest difference of a logged loss is printed.
+- ``flash``: attention through torch's math SDPA backend (``train.math_attention``) against torch's own pick
+  (flash attention on CPU), on the full plan's two stage-2 phases (the frozen LLM's attention; the Q-Former's,
+  with dropout, takes the math path either way). Losses agree to rounding, as with ``loop``.
 
 Same data, same seed, same recipe. Step times come from the run's own ``metrics.jsonl`` (``elapsed_s`` logged every
-step; the first two steps are left out). ``python benchmarks/train_step.py [--quick] [--against loop]``.
+step; the first two steps are left out). ``python benchmarks/train_step.py [--quick] [--against loop|flash]``.
 """
 
 from __future__ import annotations
@@ -38,10 +41,21 @@ PHASES = (  # the demo's stage-2 phases (stage 1 runs no frozen Linear: its enco
     Phase("stage 2, projection alone (shapes_stage2_warmup)", "shapes_stage2_warmup", None, "stage2", ("init=null",)),
     Phase("stage 2, Q-Former reading the question (shapes_vqa)", "shapes_vqa", None, "stage2", ("init=null",)),
 )
-FULL_PHASES = tuple(  # the full plan's stage 1 and main stage-2 phase, its overrides but a fresh model
-    Phase(f"full plan, {p.name} ({p.recipe})", p.recipe, None, p.steps, (*p.set, "init=null"))
-    for p in FULL if p.name in ("stage1", "stage2")
-)
+
+
+def full_plan_phases(*names: str) -> tuple[Phase, ...]:
+    """These phases of the full plan, its overrides but a fresh model."""
+    return tuple(Phase(f"full plan, {p.name} ({p.recipe})", p.recipe, None, p.steps, (*p.set, "init=null"))
+                 for p in FULL if p.name in names)
+
+
+FULL_PHASES = full_plan_phases("stage1", "stage2")  # the fused optimizer's comparison
+FULL_STAGE2_PHASES = full_plan_phases("stage2_warmup", "stage2")  # math attention's: where the frozen LLM attends
+SIDES = {  # --against: (what "this" runs, what "before" runs)
+    "copies": ("bf16 copies", "autocast casting every step"),
+    "loop": ("fused AdamW", "AdamW's per-tensor loop"),
+    "flash": ("math attention", "torch's attention pick (flash on CPU)"),
+}
 
 
 @contextlib.contextmanager
@@ -82,21 +96,23 @@ def side(against: str, name: str) -> tuple[contextlib.AbstractContextManager, tu
     """How one side of a comparison runs: (the context it trains in, its extra overrides)."""
     if against == "loop":
         return contextlib.nullcontext(), (f"train.fused_optimizer={str(name == 'this').lower()}",)
+    if against == "flash":
+        return contextlib.nullcontext(), (f"train.math_attention={str(name == 'this').lower()}",)
     return (step_before() if name == "before" else contextlib.nullcontext()), ()
 
 
 def main() -> None:
     options = common.parser(__doc__.splitlines()[0])
-    options.add_argument("--against", choices=("copies", "loop"), default="copies",
+    options.add_argument("--against", choices=tuple(SIDES), default="copies",
                          help="copies: the frozen weights' bf16 copies against autocast's casts (stage 2); "
-                              "loop: the fused AdamW against its per-tensor loop (the full plan's phases)")
+                              "loop: the fused AdamW against its per-tensor loop (the full plan's phases); "
+                              "flash: math attention against torch's pick (the full plan's stage-2 phases)")
     args = options.parse_args()
     repeats = common.setup(args, default_repeats=2)
     steps = 4 if args.quick else 12
-    phases = PHASES if args.against == "copies" else FULL_PHASES
+    phases = {"copies": PHASES, "loop": FULL_PHASES, "flash": FULL_STAGE2_PHASES}[args.against]
     phases = phases[:1] if args.quick else phases
-    before = "autocast casting every step" if args.against == "copies" else "AdamW's per-tensor loop"
-    this = "bf16 copies" if args.against == "copies" else "fused AdamW"
+    this, before = SIDES[args.against]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = world(Path(tmp), train=16 if args.quick else 400)

@@ -101,6 +101,23 @@ def test_train_step_times_the_fused_optimizer_against_the_loop_on_the_full_plan(
     assert len(ratios(out)) == 1
 
 
+def test_train_step_times_math_attention_against_torchs_pick_on_the_full_plans_stage_2(run_script, monkeypatch):
+    from blip2.train import trainer
+
+    entered, kernel = [], trainer.sdpa_kernel
+
+    def recording_kernel(*args, **kwargs):
+        entered.append(args)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sdpa_kernel", recording_kernel)
+    out = run_script("train_step", "--against", "flash")
+    assert len(entered) == 4  # each of this side's 4 steps (--quick), none of the other side's
+    assert "math attention (this) against torch's attention pick (flash on CPU) (before)" in out
+    assert "| full plan, stage2_warmup (shapes_stage2_warmup) |" in out
+    assert len(ratios(out)) == 1
+
+
 def test_feature_cache_compares_cache_and_images(run_script):
     out = run_script("feature_cache")
     assert "| feature cache |" in out and "| images |" in out

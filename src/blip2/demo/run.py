@@ -84,10 +84,11 @@ QUICK = (
     Phase("stage2_warmup", "shapes_stage2_warmup", "retrieval", "stage2"),
     Phase("stage2", "shapes_stage2", "stage2_warmup", "stage2"),
 )
-# The full plan (docs/training.md, "The demo's two plans"; 94.8 minutes cold on a 2-core Xeon, 107 before the
-# frozen-weight copies; the goal is 90): one stage 1 on the captions that name sizes and positions, with
-# the position code lifted, feeding two chains: a retrieval fine-tune at a larger batch, and stage 2 with the
-# Q-Former reading the question from the start.
+# The full plan (docs/training.md, "The demo's two plans"; 90.6 minutes cold on a 2-core Xeon, 94.8 before stage 2's
+# math attention, 107 before the frozen-weight copies; the goal is 90): one stage 1 on the captions that name sizes
+# and positions, with the position code lifted, feeding two chains: a retrieval fine-tune at a larger batch, and
+# stage 2 with the Q-Former reading the question from the start, its attention through the math backend (torch's
+# CPU flash-attention backward is slow at these short sequences).
 # Question types are not weighed: in 3,100 stage-2 steps the weighed mixture answered worse (0.515 against 0.665).
 FULL = (
     Phase("stage1", "shapes_stage1", None, "stage1",
