@@ -102,17 +102,17 @@ def test_train_step_times_the_fused_optimizer_against_the_loop_on_the_full_plan(
 
 
 def test_train_step_times_math_attention_against_torchs_pick_on_the_full_plans_stage_2(run_script, monkeypatch):
-    from blip2.train import trainer
+    from blip2.train.trainer import Trainer
 
-    entered, kernel = [], trainer.sdpa_kernel
+    steps, attention = [], Trainer._attention
 
-    def recording_kernel(*args, **kwargs):
-        entered.append(args)
-        return kernel(*args, **kwargs)
+    def recording_attention(self):
+        steps.append((Path(self.cfg.out_dir).parent.name, self.cfg.math_attention))  # (the side's run, its setting)
+        return attention(self)
 
-    monkeypatch.setattr(trainer, "sdpa_kernel", recording_kernel)
+    monkeypatch.setattr(Trainer, "_attention", recording_attention)
     out = run_script("train_step", "--against", "flash")
-    assert len(entered) == 4  # each of this side's 4 steps (--quick), none of the other side's
+    assert steps == [("this-0", True)] * 4 + [("before-0", False)] * 4  # --quick: 4 steps a side, this side first
     assert "math attention (this) against torch's attention pick (flash on CPU) (before)" in out
     assert "| full plan, stage2_warmup (shapes_stage2_warmup) |" in out
     assert len(ratios(out)) == 1

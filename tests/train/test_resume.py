@@ -1,6 +1,7 @@
 """A killed run continued with ``resume: auto`` ends with exactly the weights of an uninterrupted run."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -183,3 +184,15 @@ def test_a_fused_optimizer_run_resumes_exactly_and_a_resume_takes_the_setting_it
         trainer = Trainer(TinyNet(), noisy_loss, Regression(20), cfg)
         trainer.fit()
         assert [bool(g["fused"]) for g in trainer.optimizer.param_groups] == [fused] * 2
+
+
+def test_a_checkpoint_saved_before_a_setting_existed_warns_when_resumed_with_it_changed(tmp_path, caplog):
+    train(tmp_path / "a", Regression(20), steps=4)
+    saved = tmp_path / "a" / "checkpoints" / "step-000004" / "train_config.yaml"
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines()
+                               if not line.startswith("math_attention:")) + "\n")  # as saved before the field
+    for math, warned in ((False, False), (True, True)):  # the missing field meant its default, false
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="blip2.train"):
+            train(tmp_path / f"resumed-{math}", Regression(20), resume=str(saved.parent), math_attention=math)
+        assert ("'math_attention': (False, True)" in caplog.text) is warned, caplog.text

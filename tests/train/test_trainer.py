@@ -291,22 +291,26 @@ def backward_nodes(fn, seen=None) -> set[str]:
 
 
 def test_math_attention_sends_the_forwards_attention_and_its_backward_through_the_math_backend(tmp_path):
-    graphs = {}
+    graphs = {False: [], True: []}  # every forward's backward nodes, by setting
 
     def attention_loss(model, batch):
         q = model(batch["x"])[:, None, None, :].expand(-1, 1, 3, 2)  # [B, heads 1, L 3, d 2]
         attended = torch.nn.functional.scaled_dot_product_attention(q, q, q * batch["y"][:, None, None, :1])
         loss = (attended.mean(dim=(1, 2)) - batch["y"]).pow(2).mean()
-        graphs.setdefault(model, backward_nodes(loss.grad_fn))
+        graphs[model.math].append(backward_nodes(loss.grad_fn))
         return {"loss": loss}
 
     models = {}
     for math in (False, True):
         models[math] = TinyNet(dropout=0.0)
-        Trainer(models[math], attention_loss, Regression(), config(tmp_path / str(math), math_attention=math)).fit()
-    assert "ScaledDotProductFlashAttentionForCpuBackward0" in graphs[models[False]]  # torch's own pick on CPU
-    assert "ScaledDotProductFlashAttentionForCpuBackward0" not in graphs[models[True]]
-    assert {"BmmBackward0", "SafeSoftmaxBackward0"} <= graphs[models[True]]  # the math backend: autograd's backward
+        models[math].math = math
+        cfg = config(tmp_path / str(math), math_attention=math, batch_size=2, grad_accum=2)
+        Trainer(models[math], attention_loss, Regression(), cfg).fit()
+    assert len(graphs[False]) == len(graphs[True]) == 12  # 6 steps of 2 micro-batches
+    flash = "ScaledDotProductFlashAttentionForCpuBackward0"
+    assert all(flash in nodes for nodes in graphs[False])  # torch's own pick on CPU
+    # the math backend (autograd's backward) in every micro-batch of every step
+    assert all(flash not in nodes and {"BmmBackward0", "SafeSoftmaxBackward0"} <= nodes for nodes in graphs[True])
     untrained = trained_weights(TinyNet(dropout=0.0))
     assert all(not torch.equal(w, untrained[k]) for k, w in trained_weights(models[True]).items())  # every part trained
     torch.testing.assert_close(trained_weights(models[True]), trained_weights(models[False]), rtol=1e-5, atol=1e-6)

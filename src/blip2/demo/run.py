@@ -84,7 +84,7 @@ QUICK = (
     Phase("stage2_warmup", "shapes_stage2_warmup", "retrieval", "stage2"),
     Phase("stage2", "shapes_stage2", "stage2_warmup", "stage2"),
 )
-# The full plan (docs/training.md, "The demo's two plans"; 90.6 minutes cold on a 2-core Xeon, 94.8 before stage 2's
+# The full plan (docs/training.md, "The demo's two plans"; 90.7 minutes cold on a 2-core Xeon, 94.8 before stage 2's
 # math attention, 107 before the frozen-weight copies; the goal is 90): one stage 1 on the captions that name sizes
 # and positions, with the position code lifted, feeding two chains: a retrieval fine-tune at a larger batch, and
 # stage 2 with the Q-Former reading the question from the start, its attention through the math backend (torch's
@@ -123,7 +123,7 @@ class DemoConfig:
         """The full plan's defaults: its own data (6,000 training scenes), runs and report; 200 items per split."""
         sizes = {"train": 6000, "val": 200, "test": 1000, "compositional": 300}
         return cls(**{"data_root": "data/shapes-full", "runs": "runs/full", "report": "reports/full", "sizes": sizes,
-                      "eval_limit": 200, "baseline_limit": 10, "full": True, **given})
+                      "eval_limit": 200, "full": True, **given})
 
     @property
     def phases(self) -> tuple[Phase, ...]:

@@ -30,7 +30,8 @@ class TrainConfig:
     steps about 1.1x faster); it rounds differently, so a run is a different draw than with torch's default (the
     loop on CPU, foreach on CUDA); ``math_attention`` runs the training forward's attention through torch's math
     SDPA backend, whose backward is autograd's (on CPU, torch's flash-attention backward costs about 10x its
-    forward at BLIP-2's short sequences: the demo's stage-2 steps about 1.2x faster), also a different draw.
+    forward at BLIP-2's short sequences: the demo's stage-2 steps about 1.2x faster), also a different draw; a CPU
+    option (on GPUs torch's fused kernels are the faster ones).
     """
 
     steps: int
@@ -77,6 +78,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """Each field's default (required fields left out): what a config saved before a field existed meant."""
+        return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:

@@ -480,8 +480,8 @@ class Trainer:
 
     def _warn_about_changes(self, ckpt: TrainingCheckpoint, where: Path) -> None:
         now = self.cfg.to_dict()
-        changed = {k: (v, now.get(k)) for k, v in ckpt.config.items()
-                   if k not in ("resume", "out_dir") and now.get(k) != v}
+        saved = {**TrainConfig.field_defaults(), **ckpt.config}  # a field newer than the checkpoint: its default
+        changed = {k: (v, now.get(k)) for k, v in saved.items() if k not in ("resume", "out_dir") and now.get(k) != v}
         if changed:
             _info(f"resuming {where} with changed settings {changed} (checkpoint, now): the run will not match an "
                   "uninterrupted one", logging.WARNING)
