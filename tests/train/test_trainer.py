@@ -293,19 +293,20 @@ def backward_nodes(fn, seen=None) -> set[str]:
 def test_math_attention_sends_the_forwards_attention_and_its_backward_through_the_math_backend(tmp_path):
     graphs = {False: [], True: []}  # every forward's backward nodes, by setting
 
-    def attention_loss(model, batch):
-        q = model(batch["x"])[:, None, None, :].expand(-1, 1, 3, 2)  # [B, heads 1, L 3, d 2]
-        attended = torch.nn.functional.scaled_dot_product_attention(q, q, q * batch["y"][:, None, None, :1])
-        loss = (attended.mean(dim=(1, 2)) - batch["y"]).pow(2).mean()
-        graphs[model.math].append(backward_nodes(loss.grad_fn))
-        return {"loss": loss}
+    def attention_loss(seen: list):
+        def loss_fn(model, batch):
+            q = model(batch["x"])[:, None, None, :].expand(-1, 1, 3, 2)  # [B, heads 1, L 3, d 2]
+            attended = torch.nn.functional.scaled_dot_product_attention(q, q, q * batch["y"][:, None, None, :1])
+            loss = (attended.mean(dim=(1, 2)) - batch["y"]).pow(2).mean()
+            seen.append(backward_nodes(loss.grad_fn))
+            return {"loss": loss}
+        return loss_fn
 
     models = {}
     for math in (False, True):
         models[math] = TinyNet(dropout=0.0)
-        models[math].math = math
         cfg = config(tmp_path / str(math), math_attention=math, batch_size=2, grad_accum=2)
-        Trainer(models[math], attention_loss, Regression(), cfg).fit()
+        Trainer(models[math], attention_loss(graphs[math]), Regression(), cfg).fit()
     assert len(graphs[False]) == len(graphs[True]) == 12  # 6 steps of 2 micro-batches
     flash = "ScaledDotProductFlashAttentionForCpuBackward0"
     assert all(flash in nodes for nodes in graphs[False])  # torch's own pick on CPU
