@@ -81,4 +81,5 @@ def test_each_plan_chains_packaged_recipes_and_the_step_options_reach_them(tmp_p
     full = {phase.name: recipe(phase, DemoConfig.full_plan()) for phase in FULL}
     assert full["stage1"].data.caption_index == 2 and full["stage1"].model.vision_norm_position_gain == 4
     assert all(full[name].model.llm.prompt_to_qformer for name in ("stage2_warmup", "stage2"))
-    assert full["retrieval"].train.batch_size == 64 and not full["stage2"].data.question_type_repeats
+    assert full["retrieval"].train.batch_size == 64 and full["retrieval"].train.lr == 6e-4
+    assert not full["stage2"].data.question_type_repeats
