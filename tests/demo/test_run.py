@@ -46,14 +46,17 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
     weights = (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes()
     capsys.readouterr()
 
-    run_demo(tiny_demo(tmp_path))  # a second run reuses every phase
+    run_demo(tiny_demo(tmp_path, stage2_steps=3))  # a second run reuses every phase, even one the plan now trains longer
     out = capsys.readouterr().out
     assert out.count("reusing") == 4  # stage 1, its retrieval fine-tune and both phases of stage 2
+    warned = [line for line in out.splitlines() if "trained with other settings" in line]
+    assert len(warned) == 2 and all("{'train.steps': (2, 3)}" in line for line in warned), warned  # stage 2's phases
     assert (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes() == weights
 
     shutil.rmtree(tmp_path / "runs" / "stage2" / "final")  # as if killed after its last checkpoint
     run_demo(tiny_demo(tmp_path))  # the phase continues from its checkpoint: nothing before it is retrained
-    assert capsys.readouterr().out.count("reusing") == 3
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 3 and "trained with other settings" not in out  # the plan as they were trained
     assert (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes() == weights
 
     shutil.rmtree(tmp_path / "runs" / "stage2_warmup")

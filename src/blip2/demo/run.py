@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import yaml
 from PIL import Image
 
 from blip2.config import read_yaml_mapping
@@ -176,12 +177,30 @@ def cache_covers(features_dir: Path, sizes: dict[str, int], identity: dict) -> b
     )
 
 
+def changed_settings(saved: Path, now: Recipe) -> dict[str, tuple]:
+    """{dotted setting: (then, now)} where a run's saved ``recipe.yaml`` differs from ``now``; {} without one."""
+    if not saved.is_file():
+        return {}
+
+    def flat(value, name: str = "") -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{name}{key}.").items()}
+        return {name.rstrip("."): value}
+
+    then, current = flat(yaml.safe_load(saved.read_text())), flat(yaml.safe_load(yaml.safe_dump(now.to_dict())))
+    return {k: (then.get(k), current.get(k)) for k in sorted(then.keys() | current.keys()) if then.get(k) != current.get(k)}
+
+
 def train_phase(phase: Phase, cfg: DemoConfig, retrain: bool) -> tuple[Path, bool]:
     """(the phase's final model, whether it was trained now). ``retrain``: asked for, or the phase it starts from
     was just trained, so a kept run would build on an older model."""
     run = Path(cfg.runs) / phase.name
     if (run / "final").is_dir() and not retrain:
         print(f"[demo] reusing {run / 'final'} (pass --retrain to train again)")
+        changed = changed_settings(run / "recipe.yaml", recipe(phase, cfg))
+        if changed:
+            print(f"[demo] warning: {run} was trained with other settings than the plan's now {changed} (then, now):"
+                  " its numbers are the older recipe's; pass --retrain to train it as the plan says")
         return run / "final", False
     if retrain and run.is_dir():
         shutil.rmtree(run)  # a new run replaces the old one
