@@ -12,6 +12,8 @@ cache, bf16 autocast where the CPU has it), three comparisons (``--against``):
   (flash attention on CPU), on the full plan's two stage-2 phases (the frozen LLM's attention; the Q-Former's,
   with dropout, takes the math path either way). The losses differ by rounding, which a few steps from a fresh
   model at stage 2's learning rates amplify far more than ``loop``'s (the table's largest difference).
+- ``fp32``: bf16 autocast (``train.precision=bf16``) against fp32 on the quick plan's stage 1 and stage-2 phases:
+  what ``precision: auto`` (the demo recipes') decides by the CPU's native bf16 (AVX512-BF16, AMX), measured.
 
 Same data, same seed, same recipe. Step times come from the run's own ``metrics.jsonl`` (``elapsed_s`` logged every
 step; the first two steps are left out). ``python benchmarks/train_step.py [--quick] [--against loop|flash]``.
@@ -55,7 +57,8 @@ class Comparison(NamedTuple):
     this: str  # what the "this" side runs
     before: str  # what the "before" side runs
     phases: tuple[Phase, ...]
-    switch: str | None  # the TrainConfig flag on for "this" and off for "before" (None: the bf16 copies' patch)
+    switch: str | None  # the TrainConfig setting that differs between the sides (None: the bf16 copies' patch)
+    values: tuple[str, str] = ("true", "false")  # its value on "this" and on "before"
 
 
 COMPARISONS = {  # --against
@@ -64,6 +67,8 @@ COMPARISONS = {  # --against
                        "fused_optimizer"),
     "flash": Comparison("math attention", "torch's attention pick (flash on CPU)",
                         full_plan_phases("stage2_warmup", "stage2"), "math_attention"),  # where the frozen LLM attends
+    "fp32": Comparison("bf16 autocast", "fp32", (Phase("stage 1 (shapes_stage1)", "shapes_stage1", None, "stage1",
+                                                       ("init=null",)), *PHASES), "precision", ("bf16", "fp32")),
 }
 
 
@@ -103,9 +108,10 @@ def run(phase: Phase, cfg: DemoConfig, out: Path, steps: int, *extra: str) -> tu
 
 def side(against: str, name: str) -> tuple[contextlib.AbstractContextManager, tuple[str, ...]]:
     """How one side of a comparison runs: (the context it trains in, its extra overrides)."""
-    switch = COMPARISONS[against].switch
-    if switch is not None:
-        return contextlib.nullcontext(), (f"train.{switch}={str(name == 'this').lower()}",)
+    comparison = COMPARISONS[against]
+    if comparison.switch is not None:
+        value = comparison.values[0 if name == "this" else 1]
+        return contextlib.nullcontext(), (f"train.{comparison.switch}={value}",)
     return (step_before() if name == "before" else contextlib.nullcontext()), ()
 
 
@@ -114,11 +120,12 @@ def main() -> None:
     options.add_argument("--against", choices=tuple(COMPARISONS), default="copies",
                          help="copies: the frozen weights' bf16 copies against autocast's casts (stage 2); "
                               "loop: the fused AdamW against its per-tensor loop (the full plan's phases); "
-                              "flash: math attention against torch's pick (the full plan's stage-2 phases)")
+                              "flash: math attention against torch's pick (the full plan's stage-2 phases); "
+                              "fp32: bf16 autocast against fp32 (the quick plan's phases)")
     args = options.parse_args()
     repeats = common.setup(args, default_repeats=2)
     steps = 4 if args.quick else 12
-    this, before, phases, switch = COMPARISONS[args.against]
+    this, before, phases, switch, _ = COMPARISONS[args.against]
     phases = phases[:1] if args.quick else phases
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

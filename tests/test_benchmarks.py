@@ -118,6 +118,22 @@ def test_train_step_times_math_attention_against_torchs_pick_on_the_full_plans_s
     assert len(ratios(out)) == 1
 
 
+def test_train_step_times_bf16_autocast_against_fp32_on_the_quick_plans_stage_1(run_script, monkeypatch):
+    from blip2.train.trainer import Trainer
+
+    sides, autocast_dtype = [], Trainer._autocast_dtype
+
+    def recording_dtype(self):
+        sides.append((Path(self.cfg.out_dir).parent.name, self.cfg.precision))  # (the side's run, its precision)
+        return autocast_dtype(self)
+
+    monkeypatch.setattr(Trainer, "_autocast_dtype", recording_dtype)
+    out = run_script("train_step", "--against", "fp32")
+    assert sides == [("this-0", "bf16"), ("before-0", "fp32")]
+    assert "bf16 autocast (this) against fp32 (before)" in out and "| stage 1 (shapes_stage1) |" in out
+    assert len(ratios(out)) == 1
+
+
 def test_feature_cache_compares_cache_and_images(run_script):
     out = run_script("feature_cache")
     assert "| feature cache |" in out and "| images |" in out

@@ -120,7 +120,13 @@ def test_conversation_limits_are_named(chatml):
     with pytest.raises(InputError, match="raise llm.max_text_len"):
         Stage2Collate(chatml, 4, num_visual=V)([chat_item()])
     batch = Stage2Collate(chatml, 20, num_visual=V)([chat_item()])  # cut inside the second reply: the rest unscored
-    assert batch["input_ids"].shape[1] == 20 + V
+    assert batch["input_ids"].shape[1] == 20 + V and batch["labels"].shape == batch["input_ids"].shape
+    scored = batch["labels"][0] != IGNORE
+    assert scored.any() and torch.equal(batch["labels"][0][scored], batch["input_ids"][0][scored])
+    first = Stage2Collate(chatml, 64, num_visual=V)([chat_item()])["input_ids"][0].tolist().index(IMAGE_ID)
+    assert Stage2Collate(chatml, first, num_visual=V)([chat_item()])["input_ids"].shape[1] == first + V  # just fits
+    with pytest.raises(InputError, match="raise llm.max_text_len"):
+        Stage2Collate(chatml, first - 1, num_visual=V)([chat_item()])  # one image position cut off
 
 
 @pytest.mark.parametrize("messages, message", [

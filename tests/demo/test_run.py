@@ -4,13 +4,21 @@ import json
 import shutil
 
 from blip2.data.feature_cache import FeatureCache
-from blip2.demo.run import FULL, QUICK, QUICK_BARS, DemoConfig, recipe, run_demo
+from blip2.demo.run import (
+    FULL,
+    QUICK,
+    QUICK_BARS,
+    DemoConfig,
+    cache_covers,
+    recipe,
+    run_demo,
+)
 
 
 def tiny_demo(tmp_path, train: int = 16, **overrides) -> DemoConfig:
     settings = dict(
         data_root=str(tmp_path / "shapes"), runs=str(tmp_path / "runs"), report=str(tmp_path / "report"),
-        sizes={"train": train, "val": 0, "test": 6, "compositional": 4}, stage1_steps=2,
+        sizes={"train": train, "val": 2, "test": 6, "compositional": 4}, stage1_steps=2,
         retrieval_steps=2, stage2_steps=2, eval_limit=2, retrieval_k=2, baseline_limit=2,
     )  # fmt: skip
     settings.update(overrides)
@@ -44,6 +52,12 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
     saved = json.loads((report / "metrics.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(metrics["summary"]))
     weights = (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes()
+    features, sizes = tmp_path / "shapes" / "features", tiny_demo(tmp_path).sizes
+    identity = FeatureCache(features).meta["encoder"]
+    assert cache_covers(features, sizes, identity)
+    assert not cache_covers(features, {**sizes, "train": sizes["train"] + 1}, identity)  # one scene more: not covered
+    assert not cache_covers(features, sizes, {**identity, "weights_sha256": "another encoder"})
+    cached = (features / "meta.json").stat().st_mtime_ns
     capsys.readouterr()
 
     run_demo(tiny_demo(tmp_path, stage2_steps=3))  # a second run reuses every phase, even one the plan now trains longer
@@ -52,19 +66,27 @@ def test_the_demo_trains_evaluates_reports_and_then_reuses_its_model(tmp_path, c
     warned = [line for line in out.splitlines() if "trained with other settings" in line]
     assert len(warned) == 2 and all("{'train.steps': (2, 3)}" in line for line in warned), warned  # stage 2's phases
     assert (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes() == weights
+    assert (features / "meta.json").stat().st_mtime_ns == cached  # the cache covered the world: not encoded again
 
     shutil.rmtree(tmp_path / "runs" / "stage2" / "final")  # as if killed after its last checkpoint
+    (tmp_path / "runs" / "stage2" / "kept").touch()
     run_demo(tiny_demo(tmp_path))  # the phase continues from its checkpoint: nothing before it is retrained
     out = capsys.readouterr().out
     assert out.count("reusing") == 3 and "trained with other settings" not in out  # the plan as they were trained
     assert (tmp_path / "runs" / "stage2" / "final" / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "runs" / "stage2" / "kept").is_file()  # continued in its folder, not replaced
 
     shutil.rmtree(tmp_path / "runs" / "stage2_warmup")
     run_demo(tiny_demo(tmp_path))  # the first phase is trained again, so the second (built on it) is too
     assert capsys.readouterr().out.count("reusing") == 2  # stage 1 and its retrieval fine-tune
+    assert not (tmp_path / "runs" / "stage2" / "kept").exists()  # built on a retrained phase: replaced
 
-    run_demo(tiny_demo(tmp_path, train=20, retrain=True))  # more training scenes: re-cached, retrained
-    assert "train_000019" in FeatureCache(tmp_path / "shapes" / "features")
+    run_demo(tiny_demo(tmp_path, train=20))  # more training scenes: every phase reused, and each says so
+    warned = [line for line in capsys.readouterr().out.splitlines() if "trained with other settings" in line]
+    assert len(warned) == 4 and all("'training scenes': (16, 20)" in line for line in warned), warned
+    run_demo(tiny_demo(tmp_path, train=20, retrain=True))  # re-cached, retrained
+    cache = FeatureCache(tmp_path / "shapes" / "features")
+    assert "train_000019" in cache and "val_000001" in cache  # val too, for `blip2 eval ... --features`
     assert "reusing" not in capsys.readouterr().out
 
 

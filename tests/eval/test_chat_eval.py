@@ -59,6 +59,35 @@ def test_the_blind_prior_is_each_kinds_most_common_training_answer(tmp_path):
     assert blind_prior(tmp_path) == {"color": "red", "count": "two"}  # red and blue tie: red was seen first
 
 
+def test_the_blind_prior_comes_from_the_prior_data_not_the_evaluated_data(split, tmp_path):
+    rows = json.loads((split / "chat.json").read_text())
+    unlike = [{**row, "turns": [{**turn, "answer": "zzz"} for turn in row["turns"]]} for row in rows]
+    (tmp_path / "chat.json").write_text(json.dumps(unlike))
+    pipe = tiny_pipeline("llama")
+    results = evaluate("chat", pipe, split, prior=tmp_path, progress=False, max_new_tokens=1)
+    assert results["blind_prior"]["overall"] == 0.0  # every guess is "zzz"
+    itself = evaluate("chat", pipe, split, prior=split, progress=False, max_new_tokens=1)
+    assert itself["blind_prior"]["overall"] > 0.0  # each kind's most common answer is in the split it came from
+
+
+def test_turns_and_follow_ups_are_grouped_as_the_conversations_say(split, monkeypatch):
+    conversations = read_conversations(split)
+    assert any(t.get("follow_up") for r in conversations for t in r["turns"])
+    replies = iter([t["answer"] if t.get("follow_up") else "zzz" for r in conversations for t in r["turns"]])
+
+    class RightOnFollowUps:  # a session whose replies are known: right on every follow-up, wrong elsewhere
+        def __init__(self, pipe, image, system=None):
+            pass
+
+        def ask(self, question, **gen):
+            return next(replies)
+
+    monkeypatch.setattr("blip2.eval.run_chat.ChatSession", RightOnFollowUps)
+    metrics = evaluate("chat", tiny_pipeline("llama"), split, progress=False)["metrics"]
+    assert metrics["follow_up"] == {"False": 0.0, "True": 1.0}
+    assert metrics["per_turn"]["1"] == 0.0  # a first turn refers back to nothing
+
+
 def test_unreadable_images_are_skipped_and_counted(split, tmp_path):
     rows = json.loads((split / "chat.json").read_text())[:2]
     rows[0]["image"] = "images/missing.png"
@@ -72,6 +101,8 @@ def test_unreadable_images_are_skipped_and_counted(split, tmp_path):
     ("{", "not valid JSON"),
     ('[{"image": "a.png", "messages": []}]', "scripted conversations come from"),
     ('{"image": "a.png"}', "expected a list"),
+    ('[{"image": "a.png", "turns": [{"question": "q", "answer": "a"}, {"question": "q"}]}]', "conversations come from"),
+    ('[{"image": "a.png", "turns": []}]', "scripted conversations come from"),
 ])
 def test_malformed_conversation_files_are_named(tmp_path, content, message):
     (tmp_path / "chat.json").write_text(content)

@@ -63,6 +63,8 @@ SPECIFIC_CAPTION = 2  # the shapes world's most specific paraphrase (with sizes 
 GROUNDING_CAPTION = 1  # "a red star on a grainy gray background": colours, shapes and background, what stage 1 learns
 CAPTION_METRICS = ("Bleu", "ROUGE_L", "CIDEr")  # the report's; METEOR (a JVM start per call) is `blip2 eval caption`'s
 SPLITS = ("test", "compositional")  # what the demo evaluates on
+CACHED_SPLITS = ("train", "val", *SPLITS)  # val too, so `blip2 eval ... --features` reads every split from the cache
+TRAINED_ON = "shapes_world.json"  # beside a phase's recipe.yaml: how many training scenes it was trained on
 
 
 @dataclass(frozen=True)
@@ -167,13 +169,12 @@ def recipe(phase: Phase, cfg: DemoConfig) -> Recipe:
 
 
 def cache_covers(features_dir: Path, sizes: dict[str, int], identity: dict) -> bool:
-    """Whether a feature cache of this encoder (``identity``) holds every image of the splits the demo trains and
-    evaluates on."""
+    """Whether a feature cache of this encoder (``identity``) holds every image of the demo's splits."""
     if not (features_dir / "meta.json").is_file():
         return False
     cache = FeatureCache(features_dir)
     return cache.meta["encoder"] == identity and all(
-        image_id(split, index) in cache for split in ("train", *SPLITS) for index in range(sizes[split])
+        image_id(split, index) in cache for split in CACHED_SPLITS for index in range(sizes[split])
     )
 
 
@@ -191,20 +192,29 @@ def changed_settings(saved: Path, now: Recipe) -> dict[str, tuple]:
     return {k: (then.get(k), current.get(k)) for k in sorted(then.keys() | current.keys()) if then.get(k) != current.get(k)}
 
 
+def changed_world(run: Path, scenes: int) -> dict[str, tuple]:
+    """{"training scenes": (then, now)} where the phase was trained on another number of scenes; {} if unknown."""
+    record = run / TRAINED_ON
+    then = json.loads(record.read_text())["training scenes"] if record.is_file() else scenes
+    return {} if then == scenes else {"training scenes": (then, scenes)}
+
+
 def train_phase(phase: Phase, cfg: DemoConfig, retrain: bool) -> tuple[Path, bool]:
     """(the phase's final model, whether it was trained now). ``retrain``: asked for, or the phase it starts from
     was just trained, so a kept run would build on an older model."""
     run = Path(cfg.runs) / phase.name
     if (run / "final").is_dir() and not retrain:
         print(f"[demo] reusing {run / 'final'} (pass --retrain to train again)")
-        changed = changed_settings(run / "recipe.yaml", recipe(phase, cfg))
+        changed = changed_settings(run / "recipe.yaml", recipe(phase, cfg)) | changed_world(run, cfg.sizes["train"])
         if changed:
             print(f"[demo] warning: {run} was trained with other settings than the plan's now {changed} (then, now):"
-                  " its numbers are the older recipe's; pass --retrain to train it as the plan says")
+                  " its numbers are the older settings'; pass --retrain to train it as the plan says")
         return run / "final", False
     if retrain and run.is_dir():
         shutil.rmtree(run)  # a new run replaces the old one
-    return run_recipe(recipe(phase, cfg)), True
+    final = run_recipe(recipe(phase, cfg))
+    (run / TRAINED_ON).write_text(json.dumps({"training scenes": cfg.sizes["train"]}))
+    return final, True
 
 
 def evaluate_model(retrieval, generative, cfg: DemoConfig, features, limit: int, priors: bool = False) -> dict:
@@ -332,7 +342,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     identity = encoder_identity(encoder_only.model.cfg.vision, encoder_only.preprocess, encoder_only.model.vision)
     if not cache_covers(features_dir, cfg.sizes, identity):
         cache_features(encoder_only.model.image_features, identity, encoder_only.preprocess,
-                       [str(root / s) for s in ("train", *SPLITS)], features_dir)
+                       [str(root / s) for s in CACHED_SPLITS], features_dir)
     clock.done("frozen-feature cache")
 
     finals, trained_now = {}, set()

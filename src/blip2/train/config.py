@@ -20,18 +20,18 @@ class TrainConfig:
     """How to train; saved as YAML in the run folder and in every checkpoint.
 
     ``batch_size`` is per process; ``precision`` "bf16"/"fp16" autocasts on GPUs (fp16 with a GradScaler); on CPU
-    "bf16" autocasts too (1.4-1.8x faster where the CPU has native bf16) and "fp16" falls back to fp32; "auto" is
-    bf16 where the GPU or CPU computes bf16 natively and fp32 elsewhere; ``save_every`` 0 saves only at the end;
-    ``resume`` is None, "auto" (the newest complete checkpoint in ``out_dir``, if any) or a checkpoint folder;
-    ``fsdp`` shards the model across torchrun processes; ``lr_scales`` maps parameter-name prefixes to multipliers
-    of ``lr`` (the longest matching prefix wins; 0 freezes), e.g. ``{qformer: 0, vision_norm: 0}`` trains only
-    the LLM projection in stage 2 (``scaled_param_groups``); ``fused_optimizer`` runs AdamW as torch's fused kernel
-    (one pass over every parameter: on a 2-core CPU about 5x faster than the per-tensor loop, the full demo plan's
-    steps about 1.1x faster); it rounds differently, so a run is a different draw than with torch's default (the
-    loop on CPU, foreach on CUDA); ``math_attention`` runs the training forward's attention through torch's math
-    SDPA backend, whose backward is autograd's (on CPU, torch's flash-attention backward costs about 10x its
-    forward at BLIP-2's short sequences: the demo's stage-2 steps about 1.2x faster), also a different draw; a CPU
-    option (on GPUs torch's fused kernels are the faster ones).
+    "bf16" autocasts too (1.4-1.8x faster where the CPU has native bf16, ~22x slower where not) and "fp16" falls
+    back to fp32; "auto" is bf16 where the GPU or CPU computes bf16 natively and fp32 elsewhere; ``save_every`` 0
+    saves only at the end; ``resume`` is None, "auto" (the newest complete checkpoint in ``out_dir``, if any) or a
+    checkpoint folder; ``fsdp`` shards the model across torchrun processes; ``lr_scales`` maps parameter-name
+    prefixes to multipliers of ``lr`` (the longest matching prefix wins; 0 freezes), e.g. ``{qformer: 0,
+    vision_norm: 0}`` trains only the LLM projection in stage 2 (``scaled_param_groups``); ``fused_optimizer`` runs
+    AdamW as torch's fused kernel (one pass over every parameter: on a 2-core CPU about 5x faster than the
+    per-tensor loop, the full demo plan's steps about 1.1x faster); it rounds differently, so a run is a different
+    draw than with torch's default (the loop on CPU, foreach on CUDA); ``math_attention`` runs the training
+    forward's attention through torch's math SDPA backend, whose backward is autograd's (on CPU, torch's
+    flash-attention backward costs about 10x its forward at BLIP-2's short sequences: the demo's stage-2 steps about
+    1.2x faster), also a different draw; a CPU option (on GPUs torch's fused kernels are the faster ones).
     """
 
     steps: int
