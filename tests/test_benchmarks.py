@@ -101,16 +101,22 @@ def test_train_step_times_the_fused_optimizer_against_the_loop_on_the_full_plan(
     assert len(ratios(out)) == 1
 
 
-def test_train_step_times_math_attention_against_torchs_pick_on_the_full_plans_stage_2(run_script, monkeypatch):
+def trainer_calls(monkeypatch, method: str, setting: str) -> list[tuple[str, object]]:
+    """Filled with (the side's run, its ``setting``) each time ``Trainer.<method>`` runs."""
     from blip2.train.trainer import Trainer
 
-    steps, attention = [], Trainer._attention
+    calls, original = [], getattr(Trainer, method)
 
-    def recording_attention(self):
-        steps.append((Path(self.cfg.out_dir).parent.name, self.cfg.math_attention))  # (the side's run, its setting)
-        return attention(self)
+    def recording(self):
+        calls.append((Path(self.cfg.out_dir).parent.name, getattr(self.cfg, setting)))
+        return original(self)
 
-    monkeypatch.setattr(Trainer, "_attention", recording_attention)
+    monkeypatch.setattr(Trainer, method, recording)
+    return calls
+
+
+def test_train_step_times_math_attention_against_torchs_pick_on_the_full_plans_stage_2(run_script, monkeypatch):
+    steps = trainer_calls(monkeypatch, "_attention", "math_attention")
     out = run_script("train_step", "--against", "flash")
     assert steps == [("this-0", True)] * 4 + [("before-0", False)] * 4  # --quick: 4 steps a side, this side first
     assert "math attention (this) against torch's attention pick (flash on CPU) (before)" in out
@@ -119,15 +125,7 @@ def test_train_step_times_math_attention_against_torchs_pick_on_the_full_plans_s
 
 
 def test_train_step_times_bf16_autocast_against_fp32_on_the_quick_plans_stage_1(run_script, monkeypatch):
-    from blip2.train.trainer import Trainer
-
-    sides, autocast_dtype = [], Trainer._autocast_dtype
-
-    def recording_dtype(self):
-        sides.append((Path(self.cfg.out_dir).parent.name, self.cfg.precision))  # (the side's run, its precision)
-        return autocast_dtype(self)
-
-    monkeypatch.setattr(Trainer, "_autocast_dtype", recording_dtype)
+    sides = trainer_calls(monkeypatch, "_autocast_dtype", "precision")
     out = run_script("train_step", "--against", "fp32")
     assert sides == [("this-0", "bf16"), ("before-0", "fp32")]
     assert "bf16 autocast (this) against fp32 (before)" in out and "| stage 1 (shapes_stage1) |" in out
