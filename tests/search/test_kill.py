@@ -1,5 +1,6 @@
 """A build killed with SIGKILL (a real subprocess) leaves an index that opens and searches exactly what it
-committed; rerunning the build encodes only the rest and ends where an uninterrupted build does."""
+committed; rerunning the build encodes only the rest and ends where an uninterrupted build does (the same
+ranking, scores equal to rounding)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def test_sigkill_mid_build_keeps_what_was_committed(models, picture, tmp_path):
     resumed, report = Index.build([str(folder)], out, str(models["a"]), progress=False)
     assert (report.unchanged, report.encoded) == (kept, IMAGES - kept)
     fresh, _ = Index.build([str(folder)], tmp_path / "fresh", str(models["a"]), progress=False)
-    for query in ("w1 w2", "cat on the mat"):
-        assert [(h.path, h.score) for h in resumed.search(query, k=50)] == [(h.path, h.score) for h in fresh.search(query, k=50)]
+    for query in ("w1 w2", "cat on the mat"):  # the killed build encoded one image per batch, the others 32: on
+        # some CPUs (AVX2) a batch's size changes the last bits of its embeddings, so scores agree to rounding
+        hits, expected = resumed.search(query, k=50), fresh.search(query, k=50)
+        assert [h.path for h in hits] == [h.path for h in expected]
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in expected], rtol=0, atol=1e-6)
     assert (out / "vectors.f32").stat().st_size == (tmp_path / "fresh" / "vectors.f32").stat().st_size
