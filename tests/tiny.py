@@ -119,7 +119,7 @@ def qformer_tokenizer():
 
 
 def tiny_pipeline(family: str | None = "llama", seed: int = 0, bos_before_image: bool = False,
-                  prompt_to_qformer: bool = False) -> Blip2Pipeline:
+                  prompt_to_qformer: bool = False, visual_prompt_per_turn: bool = False) -> Blip2Pipeline:
     """An eval-mode pipeline whose every part is random: a Blip2VisionModel, a Q-Former with the MiniLM tokenizer
     and a Llama (ChatML chat template), OPT or T5 LLM (``family`` None: a stage-1 model)."""
     torch.manual_seed(seed)
@@ -135,7 +135,8 @@ def tiny_pipeline(family: str | None = "llama", seed: int = 0, bos_before_image:
             num_query_tokens=NUM_QUERIES, embed_dim=16, encoder_width=32, cross_attention_freq=1, init_from=None,
         ),  # fmt: skip
         llm=LLMConfig(kind="hf", path="in-memory", bos_before_image=bos_before_image,
-                      prompt_to_qformer=prompt_to_qformer) if family else None,
+                      prompt_to_qformer=prompt_to_qformer or visual_prompt_per_turn,
+                      visual_prompt_per_turn=visual_prompt_per_turn) if family else None,
     )
     parts = assemble(cfg, image_encoder_from_hf(vision), qformer_tokenizer(), llm)
     model = parts.model

@@ -120,6 +120,7 @@ class LLMConfig:
     dtype: str = "float32"
     bos_before_image: bool = False
     prompt_to_qformer: bool = False
+    visual_prompt_per_turn: bool = False
     # prompts get the special tokens the LLM's tokenizer adds itself, as transformers' Blip2Processor tokenizes them
     # (set for models loaded from a transformers Blip2 directory), instead of BOS before the text (decoder-only) or
     # EOS after it (encoder-decoder), the layout models trained here read
@@ -133,6 +134,9 @@ class LLMConfig:
         dtypes = ("float32", "bfloat16", "float16")
         if self.dtype not in dtypes:
             raise ConfigError(f"llm.dtype must be one of {dtypes}, got {self.dtype!r}")
+        if self.visual_prompt_per_turn and not self.prompt_to_qformer:
+            raise ConfigError("llm.visual_prompt_per_turn reads each user message into its visual prompt, so it needs "
+                              "llm.prompt_to_qformer: true")
 
 
 @dataclass

@@ -28,3 +28,9 @@ def format_questions(questions: Sequence[str], template: str) -> list[str]:
     if template.count("{}") != 1:
         raise InputError(f"prompt_template must contain exactly one '{{}}' where the question goes, got {template!r}")
     return [template.replace("{}", question.strip()) for question in questions]
+
+
+def turn_prompt(message: str, is_encoder_decoder: bool) -> str:
+    """What the Q-Former reads for one user message of a conversation with ``llm.visual_prompt_per_turn``: the
+    message as a VQA question, the form it learns questions in ("" for a message without text: read no text)."""
+    return format_questions([message], vqa_template(is_encoder_decoder))[0] if message.strip() else ""

@@ -103,6 +103,9 @@ def test_each_plan_chains_packaged_recipes_and_the_step_options_reach_them(tmp_p
                 assert loaded.data.chat == [f"{config.data_root}/train"] and loaded.data.one_source_per_batch
             steps = {"stage1": "stage1_steps", "retrieval": "retrieval_steps", "stage2": "stage2_steps"}[phase.steps]
             assert recipe(phase, DemoConfig(**{**vars(config), steps: 7})).train.steps == 7
+    quick = {phase.name: recipe(phase, DemoConfig()) for phase in QUICK}
+    assert all(quick[name].model.llm.visual_prompt_per_turn for name in ("stage2_warmup", "stage2"))
+    assert quick["stage2"].train.steps == 300 and quick["stage2_warmup"].data.captions_per_image == 1
     full = {phase.name: recipe(phase, DemoConfig.full_plan()) for phase in FULL}
     assert full["stage1"].data.caption_index == 2 and full["stage1"].model.vision_norm_position_gain == 4
     assert all(full[name].model.llm.prompt_to_qformer for name in ("stage2_warmup", "stage2"))

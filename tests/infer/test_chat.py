@@ -215,7 +215,7 @@ def test_chat_soft_prompt_is_computed_once(tiny_model, image_files, monkeypatch)
     assert encodes == []
     model.chat(image_files[0], cache=False).ask(QUESTIONS[0], max_new_tokens=4)
     assert encodes == [1]
-    assert torch.is_tensor(session._visual) and session._visual.shape == (4, model.model.llm.hidden_size)
+    assert list(session._visuals) == [""] and session._visuals[""].shape == (4, model.model.llm.hidden_size)
 
 
 def test_bos_before_image_travels_with_the_visual_prompt_in_both_chat_formats(tiny_model, image_files):
@@ -225,9 +225,9 @@ def test_bos_before_image_travels_with_the_visual_prompt_in_both_chat_formats(ti
     session = model.chat(image_files[0])
     with torch.no_grad():
         prompt = model.model.soft_prompt(model.model.image_features(model.pixel_values([image_files[0]])))  # [1, 1 + Q, H]
-    assert torch.equal(session._visual, prompt[0])
+    assert torch.equal(session._visual([""]), prompt[0])
     opt = tiny_model("opt", bos_before_image=True)  # no template: BLIP-2's VQA prompt, the layout stage 2 trains
     qa = opt.chat(image_files[0])
-    assert qa._visual.shape[0] == opt.model.num_visual == opt.model.qformer.num_queries + 1
+    assert qa._visual([""]).shape[0] == opt.model.num_visual == opt.model.qformer.num_queries + 1
     assert qa.ask("what is on the mat", max_new_tokens=6) == opt.answer(image_files[0], "what is on the mat",
                                                                       max_new_tokens=6)[0]

@@ -309,3 +309,27 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(tiny_mode
         assert submit(engine, [user(QUESTIONS[1], image(pngs[0]))], max_new_tokens=5).result().usage.completion_tokens
     assert engine.stats.failed == 2
     engine.stop()
+
+
+def test_a_model_that_reads_each_turn_is_served_as_its_chat_session_reads(tiny_model, pngs):
+    """``llm.visual_prompt_per_turn``: each user message opens with the latest image's visual prompt read from that
+    message; replies equal ChatSession's, and the second turn still reuses the first turn's cached positions."""
+    pipe = tiny_model(visual_prompt_per_turn=True)
+    engine = Engine(pipe, max_batch=4)
+    picture = image(pngs[0])
+    first = submit(engine, [user(QUESTIONS[0], picture)], max_new_tokens=6)
+    other = submit(engine, [user(QUESTIONS[2], image(pngs[1]))], max_new_tokens=5)
+    drain(engine)
+    answered = text_of(first).text
+    conversation = [user(QUESTIONS[0], picture), Message("assistant", answered), user(QUESTIONS[1])]
+    prompt = engine.prompt(conversation)
+    assert prompt.images == [picture, picture] and prompt.reads == [QUESTIONS[0], QUESTIONS[1]]
+    second = submit(engine, conversation, max_new_tokens=6)
+    drain(engine)
+    session = pipe.chat(picture.image)
+    assert answered == session.ask(QUESTIONS[0], max_new_tokens=6)
+    reply = text_of(second)
+    assert reply.text == session.ask(QUESTIONS[1], max_new_tokens=6)
+    assert reply.usage.cached_tokens >= len(engine.prompt(conversation[:1]).ids)
+    assert text_of(other).text == pipe.chat(image(pngs[1]).image).ask(QUESTIONS[2], max_new_tokens=5)
+    assert engine.images.misses == 3  # one visual prompt per (image, message)

@@ -25,7 +25,7 @@ def test_rendering_reads_what_the_chat_session_reads(tiny_model, pngs, family):
     prompt = render(tokenizer, messages, 4)
     assert prompt.ids == expected and prompt.images == [image]
     key = prompt.key()
-    assert [k for k in key if isinstance(k, tuple)] == [(image.key, j) for j in range(4)]
+    assert [k for k in key if isinstance(k, tuple)] == [(image.key, "", j) for j in range(4)]
     assert render(tokenizer, messages, 4, "vqa").ids == QuestionAnswerFormat(tokenizer).token_ids(
         [{"role": r, "content": t} for r, t in turns], 4)
     if family == "llama":  # "vqa" is not the chat template's layout
@@ -42,7 +42,7 @@ def test_several_images_each_open_their_own_message(tiny_model, pngs):
                     f"<|im_start|> assistant dog <|im_end|> <|im_start|> user {image} red <|im_end|> "
                     "<|im_start|> assistant")  # fmt: skip
     assert prompt.images == [a, b] and [k for k in prompt.key() if isinstance(k, tuple)] == [
-        (a.key, j) for j in range(4)] + [(b.key, j) for j in range(4)]
+        (a.key, "", j) for j in range(4)] + [(b.key, "", j) for j in range(4)]
     both = render(tokenizer, [Message("user", "cat", (a, b))], 4, "vqa")  # visual prompts first, in order
     assert both.ids[:8] == [IMAGE_ID] * 8 and IMAGE_ID not in both.ids[8:]
     caption = render(tokenizer, [Message("user", "", (a,))], 4, "vqa").ids  # an image alone: BLIP-2's caption layout

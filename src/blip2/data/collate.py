@@ -12,10 +12,10 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from blip2.data.bad_images import collate_skip_bad
-from blip2.data.conversation import IMAGE_ID, TemplateFormat
+from blip2.data.conversation import IMAGE_ID, TemplateFormat, per_turn_images
 from blip2.data.text import IGNORE, LLMTokenizer, pad, qformer_ids
 from blip2.errors import InputError
-from blip2.prompts import CAPTION_PROMPT, format_questions, vqa_template
+from blip2.prompts import CAPTION_PROMPT, format_questions, turn_prompt, vqa_template
 
 
 class Stage1Collate:
@@ -48,43 +48,56 @@ def prompt_and_target(item: dict[str, Any], is_encoder_decoder: bool, seed: int 
     return " ".join(words[:cut]), " ".join(words[cut:])
 
 
-def chat_row(chat: TemplateFormat, messages: list[dict], num_visual: int, max_len: int) -> tuple[list[int], list[int]]:
+def chat_row(chat: TemplateFormat, messages: list[dict], num_visual: int, max_len: int,
+             per_turn: bool = False) -> tuple[list[int], list[int]]:
     """A conversation rendered as chat renders it (``TemplateFormat``, the image as ``num_visual`` ``IMAGE_ID``
-    placeholders) -> (token ids, labels), both cut to ``max_len``. Labels are each assistant reply's tokens and the
+    placeholders opening the first user message, or every one with ``per_turn``) -> (token ids, labels), both cut
+    to ``max_len`` (before a visual prompt the cut would split). Labels are each assistant reply's tokens and the
     end-of-text token that closes it: exactly what chat generates after the glue that opens a reply."""
-    ids = chat.token_ids(messages, num_visual, generation_prompt=False)
+    images = per_turn_images(messages) if per_turn else None
+    ids = chat.token_ids(messages, num_visual, generation_prompt=False, images=images)
     labels = [IGNORE] * len(ids)
     eos = chat.tokenizer.eos_token_id
     for j, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        asked = chat.token_ids(messages[:j], num_visual, generation_prompt=True)  # what chat reads before replying
-        end = len(chat.token_ids(messages[: j + 1], num_visual, generation_prompt=False))
+        head = images[:j] if per_turn else None
+        asked = chat.token_ids(messages[:j], num_visual, generation_prompt=True, images=head)  # chat reads this
+        end = len(chat.token_ids(messages[: j + 1], num_visual, generation_prompt=False,
+                                 images=images[: j + 1] if per_turn else None))
         if ids[: len(asked)] != asked:
             raise InputError("this LLM's chat template renders earlier turns differently once later ones follow, so "
                              "a conversation cannot be trained as chat reads it; train on caption and VQA data")
         reply = ids[len(asked):end]
         reply = reply[: reply.index(eos) + 1] if eos in reply else reply
         labels[len(asked): len(asked) + len(reply)] = reply
-    if ids[:max_len].count(IMAGE_ID) < num_visual:
+    placed = ids[:max_len].count(IMAGE_ID)
+    if placed < num_visual:
         raise InputError(f"a conversation cut to {max_len} tokens loses its image; raise llm.max_text_len")
+    if placed % num_visual:  # the cut splits a visual prompt: cut before it
+        max_len = [i for i, token in enumerate(ids) if token == IMAGE_ID][placed - placed % num_visual]
     return ids[:max_len], labels[:max_len]
 
 
 class Stage2Collate:
     """Caption, VQA and/or conversation items -> LLM token ids with labels on what the model must produce only
-    (and, for a model whose Q-Former reads the prompt, the prompts' Q-Former ids as "prompt_ids"/"prompt_mask")."""
+    (and, for a model whose Q-Former reads the prompt, the prompts' Q-Former ids as "prompt_ids"/"prompt_mask": one
+    per row, or with ``per_turn`` one per visual prompt, "prompt_image" [S] naming each one's row)."""
 
     def __init__(self, tokenizer: LLMTokenizer, max_len: int, seed: int = 0, decoder_start_token_id: int | None = None,
                  qformer_tokenizer: PreTrainedTokenizerBase | None = None, qformer_max_len: int = 32,
-                 num_visual: int | None = None):
+                 num_visual: int | None = None, per_turn: bool = False):
         """``max_len``: text tokens per row; ``decoder_start_token_id``: an encoder-decoder LLM's (its config's);
         ``qformer_tokenizer``: given for a model whose Q-Former reads the prompt (``llm.prompt_to_qformer``);
-        ``num_visual``: the model's visual-prompt length (``Blip2Model.num_visual``), needed for conversations."""
+        ``num_visual``: the model's visual-prompt length (``Blip2Model.num_visual``), needed for conversations;
+        ``per_turn``: every user message of a conversation opens with a visual prompt read from it
+        (``llm.visual_prompt_per_turn``; needs ``qformer_tokenizer``)."""
         if tokenizer.is_encoder_decoder and decoder_start_token_id is None:
             raise InputError("an encoder-decoder LLM needs its decoder_start_token_id to build decoder inputs")
+        if per_turn and qformer_tokenizer is None:
+            raise InputError("a visual prompt per turn is read by the Q-Former: give its qformer_tokenizer")
         self.tokenizer, self.max_len, self.seed = tokenizer, max_len, seed
-        self.decoder_start, self.num_visual = decoder_start_token_id, num_visual
+        self.decoder_start, self.num_visual, self.per_turn = decoder_start_token_id, num_visual, per_turn
         self.qformer_tokenizer, self.qformer_max_len = qformer_tokenizer, qformer_max_len
 
     def __call__(self, items: list) -> dict[str, Any]:
@@ -95,10 +108,29 @@ class Stage2Collate:
                 batch.update(self._seq2seq(prompts, targets))
             else:
                 batch.update(self._decoder_only(prompts, targets, conversations))
-            if self.qformer_tokenizer is not None:  # a conversation's image is encoded with no text, as chat does
-                batch["prompt_ids"], batch["prompt_mask"] = qformer_ids(self.qformer_tokenizer, prompts,
+            if self.qformer_tokenizer is not None:  # a conversation's image is encoded as chat encodes it
+                reads, rows = self._qformer_prompts(prompts, conversations, batch["input_ids"])
+                batch["prompt_ids"], batch["prompt_mask"] = qformer_ids(self.qformer_tokenizer, reads,
                                                                         self.qformer_max_len)
+                if self.per_turn:
+                    batch["prompt_image"] = torch.tensor(rows)
         return batch
+
+    def _qformer_prompts(self, prompts, conversations, input_ids: Tensor) -> tuple[list[str], list[int]]:
+        """What the Q-Former reads for each visual prompt of the batch, and the row each belongs to: a pair's prompt;
+        a conversation's "" (read with no text), or with ``per_turn`` each user message its row kept."""
+        reads: list[str] = []
+        rows: list[int] = []
+        for i, (prompt, messages) in enumerate(zip(prompts, conversations)):
+            if messages is not None and self.per_turn:
+                kept = int((input_ids[i] == IMAGE_ID).sum()) // self.num_visual
+                users = [m["content"] for m in messages if m["role"] == "user"][:kept]
+                turns = [turn_prompt(text, self.tokenizer.is_encoder_decoder) for text in users]
+            else:
+                turns = [prompt]
+            reads += turns
+            rows += [i] * len(turns)
+        return reads, rows
 
     def _as_row(self, item: dict[str, Any]) -> dict[str, Any]:
         """An item as {"image", "image_id", "prompt", "target", "messages"}: a conversation has no prompt or target,
@@ -139,7 +171,9 @@ class Stage2Collate:
                 rows[i], labels[i] = visual + rows[i], [IGNORE] * len(visual) + labels[i]
             for i, messages in enumerate(conversations):
                 if messages is not None:
-                    rows[i], labels[i] = chat_row(chat, messages, self.num_visual, self.max_len + self.num_visual)
+                    turns = sum(m["role"] == "user" for m in messages) if self.per_turn else 1
+                    rows[i], labels[i] = chat_row(chat, messages, self.num_visual,
+                                                  self.max_len + self.num_visual * turns, self.per_turn)
         input_ids, mask = pad(rows, self.tokenizer.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": pad(labels, IGNORE)[0]}
 

@@ -96,6 +96,11 @@ def image_counts(messages: list[Message], images: Sequence[int] | None) -> list[
     return counts
 
 
+def per_turn_images(messages: list[Message]) -> list[int]:
+    """One image opening each user message (``llm.visual_prompt_per_turn``), as ``images`` counts."""
+    return [int(m["role"] == "user") for m in messages]
+
+
 def check_messages(messages: list[Message]) -> None:
     """Raise ValueError unless ``messages`` hold known roles and text, with at least one user message."""
     for index, message in enumerate(messages):

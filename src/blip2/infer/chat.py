@@ -6,8 +6,10 @@ the format puts the image. Each turn the whole conversation is rendered again an
 compares that token list with the one its key/value cache holds: only the positions after their common prefix run.
 Normally that is the template glue that closes the previous answer, the new user text and the glue that opens the
 reply; the image is encoded once per session. A model with ``llm.prompt_to_qformer`` is encoded with no text, as
-for captions: letting the Q-Former read each turn's question would change the visual prompt, and with it every
-cached position, on every turn.
+for captions: letting the Q-Former read each turn's question into that one visual prompt would change it, and with
+it every cached position, on every turn. A model trained with ``llm.visual_prompt_per_turn`` instead opens every
+user message with a visual prompt of its own, the Q-Former reading that message: earlier turns' prompts stay as
+they were, so the cache still holds (the image's features are computed once per session).
 
 SmolLM2-Instruct (ChatML), the soft prompt opening the first user message::
 
@@ -32,7 +34,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from blip2.data.conversation import IMAGE_ID, Message, conversation_format
+from blip2.data.conversation import (
+    IMAGE_ID,
+    Message,
+    conversation_format,
+    per_turn_images,
+)
 from blip2.data.images import load_image
 from blip2.errors import InputError
 from blip2.infer.batching import ImageInput
@@ -43,6 +50,7 @@ from blip2.infer.decoding import (
     stream_tokens,
     text_pieces,
 )
+from blip2.prompts import turn_prompt
 
 if TYPE_CHECKING:
     from blip2.pipeline import Blip2Pipeline
@@ -80,6 +88,7 @@ class ChatSession:
         self.format = conversation_format(self.tokenizer)
         self.system = system
         self.cache = cache and not self.llm.is_encoder_decoder
+        self.per_turn = pipe.cfg.llm.visual_prompt_per_turn
         self.last_stats: TurnStats | None = None
         self._active: Iterator[int] | None = None  # the turn being decoded, if any
         self._runner = DecoderRunner(self.llm)
@@ -96,7 +105,10 @@ class ChatSession:
     def set_image(self, image: ImageInput) -> None:
         """Talk about another image from now on (the conversation starts over)."""
         self.image = load_image(image)
-        self._visual = self._encode_image() if self.cache else None  # [Q, H_llm], encoded once
+        self._features = self._encode_image() if self.cache else None  # [1, N, D], encoded once
+        self._visuals: dict[str, Tensor] = {}  # what the Q-Former read ("" for no text) -> visual prompt [V, H_llm]
+        if self.cache and not self.per_turn:
+            self._visual([""])  # the one visual prompt every turn reads, encoded now
         self.reset()
         if self._cached_ids and IMAGE_ID in self._cached_ids:
             # cached positions from the old image on are stale, although their ids (IMAGE_ID) read the same
@@ -131,17 +143,21 @@ class ChatSession:
             raise InputError("beam search cannot stream: use num_beams=1, or ask() for a beam-search reply")
         self._close_active()
         text = text.strip()
-        ids = self.format.token_ids(self._messages(text), self.pipe.model.num_visual)
+        messages = self._messages(text)
+        images = per_turn_images(messages) if self.per_turn else None
+        ids = self.format.token_ids(messages, self.pipe.model.num_visual, images=images)
         self._check_context(len(ids), options)
-        self._active = self._turn(text, ids, options, streaming)
+        reads = [m["content"] for m in messages if m["role"] == "user"] if self.per_turn else [""]
+        self._active = self._turn(text, ids, reads, options, streaming)
         return self._active
 
-    def _turn(self, text: str, ids: list[int], options: GenerationOptions, streaming: bool) -> Iterator[int]:
+    def _turn(self, text: str, ids: list[int], reads: list[str], options: GenerationOptions,
+              streaming: bool) -> Iterator[int]:
         reply: list[int] = []
         if self.cache and options.num_beams == 1:
-            tokens = self._cached_tokens(ids, options)
+            tokens = self._cached_tokens(ids, self._visual(reads), options)
         else:
-            tokens = self._recomputed_tokens(ids, options, streaming)
+            tokens = self._recomputed_tokens(ids, reads, options, streaming)
         try:
             for token in tokens:
                 reply.append(token)
@@ -165,7 +181,7 @@ class ChatSession:
     # ---- the two ways of running a turn ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def _cached_tokens(self, ids: list[int], options: GenerationOptions) -> Iterator[int]:
+    def _cached_tokens(self, ids: list[int], visual: Tensor, options: GenerationOptions) -> Iterator[int]:
         """Reuse the cache for the common prefix, run the rest, then decode feeding each token into the cache."""
         runner = self._runner
         known = self._cached_ids if self._cached_ids is not None else []
@@ -174,7 +190,7 @@ class ChatSession:
         reuse = runner.length
         self.last_stats = TurnStats(len(ids), reuse, len(ids) - reuse)
         self._cached_ids = None  # unknown until the forward completes
-        first = runner.feed(self._embed(ids, self._visual)[:, reuse:])
+        first = runner.feed(self._embed(ids, visual)[:, reuse:])
         self._cached_ids = list(ids)
 
         def feed(token: int) -> Tensor:
@@ -186,10 +202,10 @@ class ChatSession:
         yield from decode_loop(first, feed, options, self.tokenizer)
 
     @torch.no_grad()
-    def _recomputed_tokens(self, ids: list[int], options: GenerationOptions, streaming: bool) -> Iterator[int]:
+    def _recomputed_tokens(self, ids: list[int], reads: list[str], options: GenerationOptions,
+                           streaming: bool) -> Iterator[int]:
         """The whole conversation from scratch: transformers' generate (any options), or the stream loop."""
-        visual = self._visual if self._visual is not None else self._encode_image()
-        embeds = self._embed(ids, visual)  # [1, L, H]
+        embeds = self._embed(ids, self._visual(reads))  # [1, L, H]
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         self.last_stats = TurnStats(len(ids), 0, len(ids))
         if streaming:
@@ -210,9 +226,22 @@ class ChatSession:
 
     @torch.no_grad()
     def _encode_image(self) -> Tensor:
-        model = self.pipe.model
-        features = model.image_features(self.pipe.pixel_values([self.image]))  # [1, N, D]
-        return model.soft_prompt(features, *self.pipe.qformer_prompt_ids([""]))[0]  # [V, H_llm]
+        return self.pipe.model.image_features(self.pipe.pixel_values([self.image]))  # [1, N, D]
+
+    @torch.no_grad()
+    def _visual(self, reads: list[str]) -> Tensor:
+        """The visual prompts in conversation order [len(reads) * V, H_llm], the Q-Former reading each of ``reads``
+        (user messages, as VQA questions; "" for no text); kept for the session when it caches."""
+        if not self.cache:  # everything recomputed, as a stateless server would
+            self._features, self._visuals = self._encode_image(), {}
+        missing = [text for text in dict.fromkeys(reads) if text not in self._visuals]
+        if missing:
+            model, family = self.pipe.model, self.llm.is_encoder_decoder
+            questions = [turn_prompt(text, family) for text in missing]
+            features = self._features.expand(len(missing), -1, -1)  # [M, N, D]
+            prompts = model.soft_prompt(features, *self.pipe.qformer_prompt_ids(questions))  # [M, V, H_llm]
+            self._visuals.update(zip(missing, prompts))
+        return torch.cat([self._visuals[text] for text in reads])
 
     def _embed(self, ids: list[int], visual: Tensor) -> Tensor:
         """A conversation's token list -> input embeddings [1, L, H]; IMAGE_ID positions take the visual rows."""

@@ -198,13 +198,14 @@ class Blip2Model(nn.Module):
         return llm.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
 
     def place_visual(self, prompt: Tensor, input_ids: Tensor) -> Tensor:
-        """Token ids [B, T] with V ``IMAGE_ID`` placeholders per row -> input embeddings [B, T, H_llm], the visual
-        prompt [B, V, H_llm] in the placeholders' positions (in order)."""
+        """Token ids [B, T] holding S visual prompts (``V`` ``IMAGE_ID`` placeholders each, at least one per row)
+        -> input embeddings [B, T, H_llm], the visual prompts [S, V, H_llm] in the placeholders' positions, in order
+        (row by row)."""
         llm = self.require_llm()
         placeholders = input_ids == IMAGE_ID  # [B, T]
-        counts = placeholders.sum(dim=1)
-        if (counts != prompt.shape[1]).any():
-            raise InputError(f"each row needs {prompt.shape[1]} image placeholders (the visual prompt's length), "
-                             f"got {counts.tolist()}")
+        counts, visual = placeholders.sum(dim=1), prompt.shape[1]
+        if (counts == 0).any() or (counts % visual).any() or int(counts.sum()) != prompt.shape[0] * visual:
+            raise InputError(f"each row needs its visual prompts' {visual} image placeholders each, {len(prompt)} "
+                             f"prompts in all, got {counts.tolist()} placeholders")
         embeds = llm.embed(input_ids.clamp(min=0))  # [B, T, H_llm]
         return embeds.masked_scatter(placeholders[..., None], prompt.to(embeds.dtype))

@@ -227,8 +227,11 @@ def stage2_losses(model, features: Tensor, batch: dict[str, Tensor]) -> dict[str
 
     ``batch``: decoder-only: ``input_ids``, ``attention_mask``, ``labels`` [B, T];
     encoder-decoder: also ``decoder_input_ids``, ``decoder_attention_mask``, with ``labels`` [B, S] for the decoder;
-    with ``llm.prompt_to_qformer`` also ``prompt_ids``/``prompt_mask``, each row's prompt as the Q-Former reads it.
+    with ``llm.prompt_to_qformer`` also ``prompt_ids``/``prompt_mask``, each row's prompt as the Q-Former reads it
+    (with ``llm.visual_prompt_per_turn`` one per visual prompt, ``prompt_image`` [S] naming its row).
     """
-    prompt = model.soft_prompt(features, batch.get("prompt_ids"), batch.get("prompt_mask"))  # [B, V, H_llm]
+    if "prompt_image" in batch:
+        features = features[batch["prompt_image"]]  # [S, N, D]: each visual prompt's image
+    prompt = model.soft_prompt(features, batch.get("prompt_ids"), batch.get("prompt_mask"))  # [B or S, V, H_llm]
     summed, tokens = text_losses(model, prompt, batch)
     return {"loss": summed.sum() / tokens.sum(), "prompt_spread": prompt_spread(model.prompt_queries(prompt))}

@@ -37,6 +37,7 @@ from blip2.infer.decoding import (
     ends_with_stop_string,
     next_token,
 )
+from blip2.prompts import turn_prompt
 from blip2.serve.caches import ImageCache, PrefixCache
 from blip2.serve.kv import DecoderBatch, EncoderDecoderBatch, check_batchable, prefill
 from blip2.serve.prompts import Message, Prompt, PromptFormat, UserImage, render
@@ -235,7 +236,8 @@ class Engine:
 
     def prompt(self, messages: list[Message], prompt_format: PromptFormat = "chat") -> Prompt:
         """The rendered prompt of a conversation (what ``submit`` runs)."""
-        return render(self.tokenizer, messages, self.model.num_visual, prompt_format)
+        per_turn = self.model.cfg.llm.visual_prompt_per_turn
+        return render(self.tokenizer, messages, self.model.num_visual, prompt_format, per_turn)
 
     def check_length(self, prompt: Prompt, max_new_tokens: int) -> None:
         """Raise InputError with the counts if the prompt and ``max_new_tokens`` do not fit the context window."""
@@ -463,14 +465,17 @@ class Engine:
 
     # ---- images ------------------------------------------------------------------------------------------------
 
-    def visual_prompt(self, image: UserImage) -> Tensor:
-        """The image's visual prompt [V, H_llm], from the cache or the encoder + Q-Former (as ``ChatSession``: a
-        Q-Former that reads the prompt reads none, so one image has one visual prompt in every conversation)."""
-        cached = self.images.get(("prompt", image.key))
+    def visual_prompt(self, image: UserImage, read: str = "") -> Tensor:
+        """The image's visual prompt [V, H_llm], the Q-Former reading ``read`` (a user message, with
+        ``llm.visual_prompt_per_turn``; else "": one visual prompt per image, as ``ChatSession``), from the cache or
+        the encoder + Q-Former."""
+        key = ("prompt", image.key, read)
+        cached = self.images.get(key)
         if cached is None:
             features = self.model.image_features(self.pipe.pixel_values([image.image]))  # [1, N, D]
-            cached = self.model.soft_prompt(features, *self.pipe.qformer_prompt_ids([""]))[0]
-            self.images.put_tensor(("prompt", image.key), cached)
+            question = turn_prompt(read, self.llm.is_encoder_decoder)
+            cached = self.model.soft_prompt(features, *self.pipe.qformer_prompt_ids([question]))[0]
+            self.images.put_tensor(key, cached)
         return cached
 
     def itc_embedding(self, image: UserImage) -> Tensor:
@@ -487,7 +492,7 @@ class Engine:
         tokens = torch.tensor(prompt.ids, device=device)  # [L]
         embeds = self.llm.embed(tokens.clamp(min=0)).clone()  # [L, H]
         if prompt.images:
-            visual = torch.cat([self.visual_prompt(image) for image in prompt.images])  # [n * V, H]
+            visual = torch.cat([self.visual_prompt(image, read) for image, read in zip(prompt.images, prompt.reads)])
             embeds[tokens == IMAGE_ID] = visual.to(embeds.dtype)
         return embeds[None]
 

@@ -178,7 +178,7 @@ def stage2_collate(recipe: Recipe, parts: Parts) -> Stage2Collate:
         decoder_start_token_id=llm.model.config.decoder_start_token_id if llm.is_encoder_decoder else None,
         qformer_tokenizer=parts.qformer_tokenizer if recipe.model.llm.prompt_to_qformer else None,
         qformer_max_len=recipe.model.qformer.max_text_len,
-        num_visual=parts.model.num_visual,
+        num_visual=parts.model.num_visual, per_turn=recipe.model.llm.visual_prompt_per_turn,
     )  # fmt: skip
 
 
