@@ -143,7 +143,8 @@ def pixels():
 @pytest.fixture
 def tiny_model():
     """Factory: ``tiny_model(family="llama" | "opt" | "t5" | None, seed=0, bos_before_image=False,
-    prompt_to_qformer=False, visual_prompt_per_turn=False)`` -> an eval-mode pipeline whose every part is random (None: a stage-1 model)."""
+    prompt_to_qformer=False, visual_prompt_per_turn=False)`` -> an eval-mode pipeline whose every part is random
+    (None: a stage-1 model)."""
     return tiny_pipeline
 
 

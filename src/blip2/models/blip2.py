@@ -205,7 +205,8 @@ class Blip2Model(nn.Module):
         placeholders = input_ids == IMAGE_ID  # [B, T]
         counts, visual = placeholders.sum(dim=1), prompt.shape[1]
         if (counts == 0).any() or (counts % visual).any() or int(counts.sum()) != prompt.shape[0] * visual:
-            raise InputError(f"each row needs its visual prompts' {visual} image placeholders each, {len(prompt)} "
-                             f"prompts in all, got {counts.tolist()} placeholders")
+            raise InputError(f"the rows hold {counts.tolist()} image placeholders, but {len(prompt)} visual prompts "
+                             f"of {visual} positions need a positive multiple of {visual} in every row, "
+                             f"{len(prompt) * visual} in all")
         embeds = llm.embed(input_ids.clamp(min=0))  # [B, T, H_llm]
         return embeds.masked_scatter(placeholders[..., None], prompt.to(embeds.dtype))
