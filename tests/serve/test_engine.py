@@ -316,6 +316,8 @@ def test_a_model_that_reads_each_turn_is_served_as_its_chat_session_reads(tiny_m
     message; replies equal ChatSession's, and the second turn still reuses the first turn's cached positions."""
     pipe = tiny_model(visual_prompt_per_turn=True)
     engine = Engine(pipe, max_batch=4)
+    encode, encoded = pipe.model.image_features, []
+    pipe.model.image_features = lambda pixels: encoded.append(len(pixels)) or encode(pixels)
     picture = image(pngs[0])
     first = submit(engine, [user(QUESTIONS[0], picture)], max_new_tokens=6)
     other = submit(engine, [user(QUESTIONS[2], image(pngs[1]))], max_new_tokens=5)
@@ -326,10 +328,11 @@ def test_a_model_that_reads_each_turn_is_served_as_its_chat_session_reads(tiny_m
     assert prompt.images == [picture, picture] and prompt.reads == [QUESTIONS[0], QUESTIONS[1]]
     second = submit(engine, conversation, max_new_tokens=6)
     drain(engine)
+    assert encoded == [1, 1]  # each image once, though the first is read into two visual prompts
     session = pipe.chat(picture.image)
     assert answered == session.ask(QUESTIONS[0], max_new_tokens=6)
     reply = text_of(second)
     assert reply.text == session.ask(QUESTIONS[1], max_new_tokens=6)
     assert reply.usage.cached_tokens >= len(engine.prompt(conversation[:1]).ids)
     assert text_of(other).text == pipe.chat(image(pngs[1]).image).ask(QUESTIONS[2], max_new_tokens=5)
-    assert engine.images.misses == 3  # one visual prompt per (image, message)
+    assert engine.images.misses == 5  # a visual prompt per (image, message), and each image's features

@@ -55,16 +55,19 @@ def chat_row(chat: TemplateFormat, messages: list[dict], num_visual: int, max_le
     to ``max_len`` (before a visual prompt the cut would split). Labels are each assistant reply's tokens and the
     end-of-text token that closes it: exactly what chat generates after the glue that opens a reply."""
     images = per_turn_images(messages) if per_turn else None
-    ids = chat.token_ids(messages, num_visual, generation_prompt=False, images=images)
+
+    def render(count: int, generation_prompt: bool) -> list[int]:  # the first ``count`` messages, as chat renders them
+        head = None if images is None else images[:count]
+        return chat.token_ids(messages[:count], num_visual, generation_prompt=generation_prompt, images=head)
+
+    ids = render(len(messages), generation_prompt=False)
     labels = [IGNORE] * len(ids)
     eos = chat.tokenizer.eos_token_id
     for j, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        head = images[:j] if per_turn else None
-        asked = chat.token_ids(messages[:j], num_visual, generation_prompt=True, images=head)  # chat reads this
-        end = len(chat.token_ids(messages[: j + 1], num_visual, generation_prompt=False,
-                                 images=images[: j + 1] if per_turn else None))
+        asked = render(j, generation_prompt=True)  # what chat reads before replying
+        end = len(render(j + 1, generation_prompt=False))
         if ids[: len(asked)] != asked:
             raise InputError("this LLM's chat template renders earlier turns differently once later ones follow, so "
                              "a conversation cannot be trained as chat reads it; train on caption and VQA data")

@@ -472,11 +472,21 @@ class Engine:
         key = ("prompt", image.key, read)
         cached = self.images.get(key)
         if cached is None:
-            features = self.model.image_features(self.pipe.pixel_values([image.image]))  # [1, N, D]
             question = turn_prompt(read, self.llm.is_encoder_decoder)
-            cached = self.model.soft_prompt(features, *self.pipe.qformer_prompt_ids([question]))[0]
+            cached = self.model.soft_prompt(self._features(image), *self.pipe.qformer_prompt_ids([question]))[0]
             self.images.put_tensor(key, cached)
         return cached
+
+    def _features(self, image: UserImage) -> Tensor:
+        """The frozen encoder's features [1, N, D]; kept in the image cache for a model with
+        ``llm.visual_prompt_per_turn``, whose every user message needs them again for its own visual prompt."""
+        if not self.model.cfg.llm.visual_prompt_per_turn:
+            return self.model.image_features(self.pipe.pixel_values([image.image]))
+        features = self.images.get(("features", image.key))
+        if features is None:
+            features = self.model.image_features(self.pipe.pixel_values([image.image]))
+            self.images.put_tensor(("features", image.key), features)
+        return features
 
     def itc_embedding(self, image: UserImage) -> Tensor:
         """The image's normalised ITC embeddings [Q, E] (``pipe.image_embeddings``), cached too."""

@@ -56,10 +56,7 @@ class Prompt:
     ids: list[int]
     images: list[UserImage]
     num_visual: int
-    reads: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.reads = self.reads or [""] * len(self.images)
+    reads: list[str]
 
     def key(self) -> list:
         """The ids with each visual position named by (image hash, what was read, index): equal keys mean equal LLM
