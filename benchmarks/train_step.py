@@ -14,9 +14,12 @@ cache, bf16 autocast where the CPU has it), three comparisons (``--against``):
   model at stage 2's learning rates amplify far more than ``loop``'s (the table's largest difference).
 - ``fp32``: bf16 autocast (``train.precision=bf16``) against fp32 on the quick plan's stage 1 and stage-2 phases:
   what ``precision: auto`` (the demo recipes') decides by the CPU's native bf16 (AVX512-BF16, AMX), measured.
+- ``losses``: the quick plan's retrieval fine-tune on ITC alone (``losses=[itc]``, batch 64) against the same
+  phase on ITC + ITM + ITG (BLIP-2's three, the default), at the same batch: the ratio is the pairs per second.
+  The losses differ by design (the table prints ITC's sum against all three).
 
 Same data, same seed, same recipe. Step times come from the run's own ``metrics.jsonl`` (``elapsed_s`` logged every
-step; the first two steps are left out). ``python benchmarks/train_step.py [--quick] [--against loop|flash]``.
+step; the first two steps are left out). ``python benchmarks/train_step.py [--quick] [--against loop|flash|fp32|losses]``.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from unittest import mock
 import common
 
 from blip2.data.feature_cache import cache_features, encoder_identity
-from blip2.demo.run import FULL, DemoConfig, Phase, recipe
+from blip2.demo.run import FULL, QUICK, DemoConfig, Phase, recipe
 from blip2.demo.shapes import ShapesConfig, generate
 from blip2.factory import build
 from blip2.train import trainer
@@ -47,28 +50,31 @@ PHASES = (  # the demo's stage-2 phases (stage 1 runs no frozen Linear: its enco
 )
 
 
-def full_plan_phases(*names: str) -> tuple[Phase, ...]:
-    """These phases of the full plan, its overrides but a fresh model."""
-    return tuple(Phase(f"full plan, {p.name} ({p.recipe})", p.recipe, None, p.steps, (*p.set, "init=null"))
-                 for p in FULL if p.name in names)
+def plan_phases(plan: tuple[Phase, ...], label: str, *names: str) -> tuple[Phase, ...]:
+    """These phases of ``plan``, its overrides but a fresh model."""
+    return tuple(Phase(f"{label}, {p.name} ({p.recipe})", p.recipe, None, p.steps, (*p.set, "init=null"))
+                 for p in plan if p.name in names)
 
 
 class Comparison(NamedTuple):
     this: str  # what the "this" side runs
     before: str  # what the "before" side runs
     phases: tuple[Phase, ...]
-    switch: str | None  # the TrainConfig setting that differs between the sides (None: the bf16 copies' patch)
+    switch: str | None  # the recipe key that differs between the sides (None: the bf16 copies' patch)
     values: tuple[str, str] = ("true", "false")  # its value on "this" and on "before"
 
 
 COMPARISONS = {  # --against
     "copies": Comparison("bf16 copies", "autocast casting every step", PHASES, None),
-    "loop": Comparison("fused AdamW", "AdamW's per-tensor loop", full_plan_phases("stage1", "stage2"),
-                       "fused_optimizer"),
+    "loop": Comparison("fused AdamW", "AdamW's per-tensor loop", plan_phases(FULL, "full plan", "stage1", "stage2"),
+                       "train.fused_optimizer"),
     "flash": Comparison("math attention", "torch's attention pick (flash on CPU)",
-                        full_plan_phases("stage2_warmup", "stage2"), "math_attention"),  # where the frozen LLM attends
+                        plan_phases(FULL, "full plan", "stage2_warmup", "stage2"),
+                        "train.math_attention"),  # where the frozen LLM attends
     "fp32": Comparison("bf16 autocast", "fp32", (Phase("stage 1 (shapes_stage1)", "shapes_stage1", None, "stage1",
-                                                       ("init=null",)), *PHASES), "precision", ("bf16", "fp32")),
+                                                       ("init=null",)), *PHASES), "train.precision", ("bf16", "fp32")),
+    "losses": Comparison("ITC alone", "ITC + ITM + ITG", plan_phases(QUICK, "quick plan", "retrieval"), "losses",
+                         ("[itc]", "null")),
 }
 
 
@@ -111,7 +117,7 @@ def side(against: str, name: str) -> tuple[contextlib.AbstractContextManager, tu
     comparison = COMPARISONS[against]
     if comparison.switch is not None:
         value = comparison.values[0 if name == "this" else 1]
-        return contextlib.nullcontext(), (f"train.{comparison.switch}={value}",)
+        return contextlib.nullcontext(), (f"{comparison.switch}={value}",)
     return (step_before() if name == "before" else contextlib.nullcontext()), ()
 
 
@@ -121,7 +127,8 @@ def main() -> None:
                          help="copies: the frozen weights' bf16 copies against autocast's casts (stage 2); "
                               "loop: the fused AdamW against its per-tensor loop (the full plan's phases); "
                               "flash: math attention against torch's pick (the full plan's stage-2 phases); "
-                              "fp32: bf16 autocast against fp32 (the quick plan's phases)")
+                              "fp32: bf16 autocast against fp32 (the quick plan's phases); "
+                              "losses: ITC alone against all three (the quick plan's retrieval fine-tune)")
     args = options.parse_args()
     repeats = common.setup(args, default_repeats=2)
     steps = 4 if args.quick else 12

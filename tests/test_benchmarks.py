@@ -132,6 +132,23 @@ def test_train_step_times_bf16_autocast_against_fp32_on_the_quick_plans_stage_1(
     assert len(ratios(out)) == 1
 
 
+def test_train_step_times_itc_alone_against_the_three_losses_on_the_quick_plans_fine_tune(run_script, monkeypatch):
+    from blip2.train import stages
+
+    trained, original = [], stages.stage1_losses
+
+    def recording(model, features, ids, mask, losses):
+        trained.append((tuple(losses), ids.shape[0]))
+        return original(model, features, ids, mask, losses)
+
+    monkeypatch.setattr(stages, "stage1_losses", recording)
+    out = run_script("train_step", "--against", "losses")
+    assert trained == [(("itc",), 2)] * 4 + [(("itc", "itm", "itg"), 2)] * 4  # --quick: batch 2 on both sides
+    assert "ITC alone (this) against ITC + ITM + ITG (before)" in out
+    assert "| quick plan, retrieval (shapes_retrieval) |" in out
+    assert len(ratios(out)) == 1
+
+
 def test_feature_cache_compares_cache_and_images(run_script):
     out = run_script("feature_cache")
     assert "| feature cache |" in out and "| images |" in out

@@ -248,7 +248,10 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and typing.get_origin(options[0]) in (list, dict):
+            return coerce(options[0], value, key)  # its error names the element at fault, e.g. losses[0]
+        for option in options:
             try:
                 return coerce(option, value, key)
             except ConfigError:

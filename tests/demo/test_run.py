@@ -106,6 +106,11 @@ def test_each_plan_chains_packaged_recipes_and_the_step_options_reach_them(tmp_p
     quick = {phase.name: recipe(phase, DemoConfig()) for phase in QUICK}
     assert all(quick[name].model.llm.visual_prompt_per_turn for name in ("stage2_warmup", "stage2"))
     assert quick["stage2"].train.steps == 300 and quick["stage2_warmup"].data.captions_per_image == 1
+    assert quick["stage1"].data.caption_index == 2 and quick["stage1"].model.vision_norm_position_gain == 4
+    assert quick["retrieval"].losses == ["itc"] and quick["retrieval"].train.batch_size == 64
+    assert quick["stage1"].losses is None  # stage 1 trains BLIP-2's three losses; only the fine-tune drops two
+    few = DemoConfig(sizes={"train": 20, "val": 1, "test": 2, "compositional": 1})  # a quick try: one batch of all
+    assert recipe(QUICK[1], few).train.batch_size == 20 and recipe(QUICK[0], few).train.batch_size == 16
     full = {phase.name: recipe(phase, DemoConfig.full_plan()) for phase in FULL}
     assert full["stage1"].data.caption_index == 2 and full["stage1"].model.vision_norm_position_gain == 4
     assert all(full[name].model.llm.prompt_to_qformer for name in ("stage2_warmup", "stage2"))

@@ -181,6 +181,29 @@ def test_stage1_losses_are_the_three_hand_computed_losses(stage1_model):
     torch.testing.assert_close(found["loss"], itc + itm + itg)
 
 
+@pytest.mark.parametrize("named", [("itc",), ("itc", "itm"), ("itc", "itg"), ("itm", "itg")])
+def test_stage1_trains_only_the_losses_it_is_given(stage1_model, named):
+    """``losses``: the sum holds exactly the named terms (each equal to the full step's), the others are not
+    computed, and no gradient reaches a head whose loss is left out (ITC's projections without ITC, the ITM head
+    without ITM, the LM head without ITG). Catches a left-out loss still summed, or still run."""
+    model = stage1_model
+    ids, mask = tokens(model, TEXTS)
+    features = torch.randn(4, model.vision.num_tokens(), model.vision.out_dim, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)  # the hard negatives draw the same rows in both calls
+    with torch.no_grad():
+        every = losses.stage1_losses(model, features, ids, mask)
+    torch.manual_seed(0)
+    found = losses.stage1_losses(model, features, ids, mask, named)
+    assert set(found) == {"loss", "itc", *named}  # ITC always: ITM's hard negatives come from its similarities
+    for name in {"itc", *named}:
+        torch.testing.assert_close(found[name], every[name])
+    torch.testing.assert_close(found["loss"], sum(every[name] for name in named))
+    found["loss"].backward()
+    heads = {"itc": model.text_proj.weight, "itm": model.itm_head.weight, "itg": model.qformer.lm_head.dense.weight}
+    for name, weight in heads.items():
+        assert (weight.grad is not None and bool(weight.grad.abs().sum() > 0)) == (name in named), name
+
+
 # ---- hard negatives -----------------------------------------------------------------------------------------------
 
 

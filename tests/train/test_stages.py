@@ -18,6 +18,7 @@ from blip2.data.feature_cache import FeatureCache, cache_features, encoder_ident
 from blip2.demo.run import RECIPES
 from blip2.demo.shapes import generate
 from blip2.factory import build
+from blip2.io import read_safetensors
 from blip2.models.losses import SpreadMeter, prompt_spread
 from blip2.train.optim import scaled_param_groups
 from blip2.train.recipe import Recipe
@@ -115,6 +116,18 @@ def test_question_type_repeats_need_questions():
     assert recipe.data.question_type_repeats == {"position": 3}
 
 
+def test_stage1_recipes_name_the_losses_they_train():
+    assert Recipe.load(RECIPES / "shapes_retrieval.yaml").losses is None  # BLIP-2's three
+    assert Recipe.load(RECIPES / "shapes_retrieval.yaml", ["losses=[itc, itm]"]).losses == ["itc", "itm"]
+    for value, message in (("[itc, itc]", r"losses must name each trained loss once, e.g. \[itc\]"),
+                           ("[]", r"losses must name each trained loss once"),
+                           ("[itx]", r"losses\[0\] must be one of \['itc', 'itm', 'itg'\], got 'itx'")):
+        with pytest.raises(ConfigError, match=message):
+            Recipe.load(RECIPES / "shapes_retrieval.yaml", [f"losses={value}"])
+    with pytest.raises(ConfigError, match="stage 2 trains language modelling: remove losses"):
+        Recipe.load(RECIPES / "shapes_vqa.yaml", ["losses=[itc]"])
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "blip2.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
@@ -146,6 +159,14 @@ def test_two_stages_through_the_cli_learn(tmp_path, tiny_parts):
             "data.caption_index=2", "train.steps=2", f"train.out_dir={tmp_path / 'run1-retrieval'}", cwd=tmp_path)
     tuned = json.loads((tmp_path / "run1-retrieval" / "metrics.jsonl").read_text().splitlines()[0])["losses"]
     assert tuned["loss"] < 0.95 * first["loss"], (first, tuned)
+    # ... or trains ITC alone: the log holds no other loss and the ITM head and LM head leave unchanged
+    run_cli("train", str(tmp_path / "stage1.yaml"), "--set", f"init={tmp_path / 'run1' / 'final'}", "losses=[itc]",
+            "train.steps=2", f"train.out_dir={tmp_path / 'run1-itc'}", cwd=tmp_path)
+    assert set(json.loads((tmp_path / "run1-itc" / "metrics.jsonl").read_text().splitlines()[0])["losses"]) == {
+        "loss", "itc"}
+    before, after = (read_safetensors(tmp_path / run / "final" / "model.safetensors") for run in ("run1", "run1-itc"))
+    for name in before:
+        assert torch.equal(before[name], after[name]) == name.startswith(("itm_head.", "qformer.lm_head.")), name
     done = run_cli("eval", "vqa", str(root / "test"), "--model", str(tmp_path / "run2" / "final"), "--limit", "4",
                    "--features", str(root / "features"), "--out", str(tmp_path / "eval"), cwd=tmp_path)
     assert json.loads((tmp_path / "eval" / "vqa.json").read_text())["num_questions"] == 4, done.stdout

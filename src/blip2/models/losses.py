@@ -141,20 +141,30 @@ def itg_loss(model, query_cache, ids: Tensor, mask: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels[scored], label_smoothing=LABEL_SMOOTHING)
 
 
-def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """ITC + ITM + ITG on frozen image ``features`` [B, N, D] and Q-Former text ``ids``/``mask`` [B, T]."""
+STAGE1_LOSSES = ("itc", "itm", "itg")  # BLIP-2's three, all trained by default
+
+
+def stage1_losses(model, features: Tensor, ids: Tensor, mask: Tensor,
+                  losses: tuple[str, ...] = STAGE1_LOSSES) -> dict[str, Tensor]:
+    """The stage-1 ``losses`` on frozen image ``features`` [B, N, D] and Q-Former text ``ids``/``mask`` [B, T]:
+    each one computed is returned, their sum is "loss". ITC is always computed (ITM draws its hard negatives from
+    its similarities) and is only trained when named."""
     with torch.no_grad():
         model.temp.clamp_(0.001, 0.5)
     image_embeds = model.vision_norm(features)  # [B, N, D]
     context = model.qformer.image_context(image_embeds)  # cross-attention keys/values: once for ITC and ITM
-    query_out = model.qformer(image_embeds=context, use_cache=True)
+    query_out = model.qformer(image_embeds=context, use_cache="itg" in losses)
     image_feats = model.image_embeds_itc(query_out.queries)  # [B, Q, E]
     text_feat = model.text_embeds_itc(ids, mask)  # [B, E]
     sizes = batch_sizes(ids.shape[0], ids.device)
     itc, sim_i2t, sim_t2i = itc_loss(image_feats, text_feat, model.temp, sizes)
-    itm = itm_loss(model, image_embeds, ids, mask, sim_i2t, sim_t2i, sizes, context)
-    itg = itg_loss(model, query_out.cache, ids, mask)
-    return {"loss": itc + itm + itg, "itc": itc, "itm": itm, "itg": itg}
+    terms = {"itc": itc}
+    if "itm" in losses:
+        terms["itm"] = itm_loss(model, image_embeds, ids, mask, sim_i2t, sim_t2i, sizes, context)
+    if "itg" in losses:
+        terms["itg"] = itg_loss(model, query_out.cache, ids, mask)
+    trained = [terms[name] for name in STAGE1_LOSSES if name in losses]
+    return {"loss": sum(trained[1:], trained[0]), **terms}
 
 
 class SpreadMeter:

@@ -4,6 +4,7 @@
 stage: 1                      # 1: Q-Former + frozen encoder (ITC/ITM/ITG); 2: + projection + frozen LLM
 model: {vision: {...}, qformer: {...}, llm: null}   # a Blip2Config (see blip2/config.py)
 init: null                    # stage 2: the stage-1 checkpoint to start from; stage 1: a stage-1 run to train on
+losses: null                  # stage 1: the losses trained, e.g. [itc] (null: BLIP-2's itc, itm and itg)
 data: {captions: [path, ...], vqa: [path, ...], chat: [path, ...], feature_cache: null, captions_per_image: 1, caption_index: null,
        question_type_repeats: {}, one_source_per_batch: false, augment: true}
 train: {steps: 1000, batch_size: 64, lr: 1e-4, out_dir: runs/stage1, ...}   # a TrainConfig
@@ -13,11 +14,12 @@ train: {steps: 1000, batch_size: 64, lr: 1e-4, out_dir: runs/stage1, ...}   # a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from torch.utils.data import ConcatDataset
@@ -72,10 +74,16 @@ class Recipe:
     data: DataConfig
     train: TrainConfig
     init: str | None = None
+    losses: list[Literal["itc", "itm", "itg"]] | None = None  # stage 1's trained losses; None: all three
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
+        if self.losses is not None and self.stage == 2:
+            raise ConfigError("losses chooses among stage 1's (itc, itm, itg); stage 2 trains language modelling: "
+                              "remove losses from this stage-2 recipe")
+        if self.losses is not None and (not self.losses or len(set(self.losses)) < len(self.losses)):
+            raise ConfigError(f"losses must name each trained loss once, e.g. [itc] or [itc, itm]; got {self.losses}")
         if self.stage == 2 and self.model.llm is None:
             raise ConfigError("a stage-2 recipe needs model.llm (the frozen LLM the Q-Former learns to prompt)")
         if self.stage == 1 and (self.data.vqa or self.data.chat):
@@ -110,7 +118,7 @@ class Recipe:
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "init": self.init, "model": self.model.to_dict(),
+        return {"stage": self.stage, "init": self.init, "losses": self.losses, "model": self.model.to_dict(),
                 "data": dataclasses.asdict(self.data), "train": self.train.to_dict()}
 
 
@@ -189,7 +197,8 @@ def run_recipe(recipe: Recipe) -> Path:
     model = parts.model
     dataset = build_dataset(recipe, parts)
     if recipe.stage == 1:
-        collate, step = Stage1Collate(parts.qformer_tokenizer, recipe.model.qformer.max_text_len), stage1_step
+        collate = Stage1Collate(parts.qformer_tokenizer, recipe.model.qformer.max_text_len)
+        step = functools.partial(stage1_step, losses=tuple(recipe.losses)) if recipe.losses else stage1_step
     else:
         collate, step = stage2_collate(recipe, parts), stage2_step
     out_dir = Path(recipe.train.out_dir)

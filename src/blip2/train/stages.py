@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from blip2.models.losses import stage1_losses, stage2_losses
+from blip2.models.losses import STAGE1_LOSSES, stage1_losses, stage2_losses
 
 
 def image_features(model, images: Tensor) -> Tensor:
@@ -18,10 +18,11 @@ def image_features(model, images: Tensor) -> Tensor:
     return images.to(model.device) if images.dim() == 3 else model.image_features(images.to(model.device))
 
 
-def stage1_step(model, batch: dict[str, Any]) -> dict[str, Tensor]:
-    """ITC + ITM + ITG on one collated batch."""
+def stage1_step(model, batch: dict[str, Any], losses: tuple[str, ...] = STAGE1_LOSSES) -> dict[str, Tensor]:
+    """ITC + ITM + ITG (or the ``losses`` named) on one collated batch."""
     features = image_features(model, batch["image"])
-    return stage1_losses(model, features, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    return stage1_losses(model, features, ids, mask, losses)
 
 
 def stage2_step(model, batch: dict[str, Any]) -> dict[str, Tensor]:
