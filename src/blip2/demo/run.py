@@ -83,7 +83,8 @@ class Phase:
 # The 20-minute plan: stage 1 on the captions that name sizes and positions with the position code lifted, its
 # retrieval fine-tune on ITC alone at batch 64 (5.2x the pairs per second of the three losses at one batch, so 6x
 # the pairs in about the same minutes: R@1 0.435 against 0.091, docs/training.md, "ITC alone"), and stage 2 from
-# there in two phases (the projection alone, then with the Q-Former), both on captions, questions and
+# there (from stage 1 it chatted better and answered worse, one bar met against two: "Stage 2 from stage 1") in
+# two phases (the projection alone, then with the Q-Former), both on captions, questions and
 # conversations, the Q-Former reading each question and each user message of a conversation into a visual prompt
 # of its own (chat 0.380 against 0.200 with one visual prompt read with no text: "A visual prompt per turn").
 PER_TURN = ("model.llm.prompt_to_qformer=true", "model.llm.visual_prompt_per_turn=true")
@@ -97,7 +98,8 @@ QUICK = (
 # The full plan (docs/training.md, "The demo's two plans"; 90.7 minutes cold on a 2-core Xeon, 94.8 before stage 2's
 # math attention, 107 before the frozen-weight copies; the goal is 90): one stage 1 on the captions that name sizes
 # and positions, with the position code lifted, feeding two chains: a retrieval fine-tune at a larger batch (lr 6e-4:
-# R@1 0.589 / 0.580 against 0.516 / 0.487 at 1e-4 and 0.593 / 0.568 at 1e-3, the same steps), and
+# R@1 0.589 / 0.580 against 0.516 / 0.487 at 1e-4 and 0.593 / 0.568 at 1e-3, the same steps; on ITC alone, the
+# quick plan's lever, 0.508 / 0.331: "The full plan's fine-tune on ITC alone"), and
 # stage 2 with the Q-Former reading the question from the start, its attention through the math backend (torch's
 # CPU flash-attention backward is slow at these short sequences).
 # Question types are not weighed: in 3,100 stage-2 steps the weighed mixture answered worse (0.515 against 0.665).
