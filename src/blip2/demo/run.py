@@ -84,7 +84,7 @@ class Phase:
 # retrieval fine-tune on ITC alone at batch 64 (5.2x the pairs per second of the three losses at one batch, so 6x
 # the pairs in about the same minutes: R@1 0.435 against 0.091, docs/training.md, "ITC alone"), and stage 2 from
 # there (from stage 1 it chatted better and answered worse, one bar met against two: "Stage 2 from stage 1"; from
-# the average of stage 1 and the fine-tune, chat 0.433 against 0.283 in one draw, the next to try: "Two more starts") in
+# the average of stage 1 and the fine-tune, chat steadier over two draws and no bar more: "Two more starts") in
 # two phases (the projection alone, then with the Q-Former), both on captions, questions and
 # conversations, the Q-Former reading each question and each user message of a conversation into a visual prompt
 # of its own (chat 0.380 against 0.200 with one visual prompt read with no text: "A visual prompt per turn").
