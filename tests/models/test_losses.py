@@ -74,6 +74,26 @@ def test_itc_equals_the_hand_computation():
     torch.testing.assert_close(loss, expected)
 
 
+def test_itc_similarities_stay_fp32_under_bf16_autocast():
+    """Training autocasts to bf16 (CPUs with native bf16, GPUs); the similarities must not be rounded to bf16 (steps
+    of 2^-8 near a cosine of 1, times 1 / temp), which cost the demo's retrieval R@1 (docs/training.md).
+    Catches: the ``autocast(enabled=False)`` dropped or turned on; the inputs left in bf16."""
+    g = torch.Generator().manual_seed(0)
+    image_feats = F.normalize(torch.randn(6, 4, 32, generator=g), dim=-1)  # [B, Q, E]
+    text_feat = F.normalize(image_feats[:, 0] + 0.05 * torch.randn(6, 32, generator=g), dim=-1)  # cosines near 1
+    temp = torch.tensor(0.01)
+    expected_i2t, expected_t2i = losses.itc_similarities(image_feats, text_feat, image_feats, text_feat, temp)
+    with torch.autocast("cpu", torch.bfloat16):
+        sim_i2t, sim_t2i = losses.itc_similarities(image_feats, text_feat, image_feats, text_feat, temp)
+        from_bf16, _ = losses.itc_similarities(image_feats.bfloat16(), text_feat, image_feats.bfloat16(), text_feat,
+                                               temp)
+    assert sim_i2t.dtype == sim_t2i.dtype == torch.float32
+    torch.testing.assert_close(sim_i2t, expected_i2t, rtol=0, atol=1e-4)
+    torch.testing.assert_close(sim_t2i, expected_t2i, rtol=0, atol=1e-4)
+    # bf16 features (a projection's output under autocast) are rounded once, not again in the product
+    torch.testing.assert_close(from_bf16, expected_i2t, rtol=0, atol=0.1)
+
+
 # ---- ITM ----------------------------------------------------------------------------------------------------------
 
 NEG_IMAGE = [2, 3, 0, 1]  # the hard negative image of each text (never its own)
