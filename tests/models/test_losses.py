@@ -82,16 +82,16 @@ def test_itc_similarities_stay_fp32_under_bf16_autocast():
     image_feats = F.normalize(torch.randn(6, 4, 32, generator=g), dim=-1)  # [B, Q, E]
     text_feat = F.normalize(image_feats[:, 0] + 0.05 * torch.randn(6, 32, generator=g), dim=-1)  # cosines near 1
     temp = torch.tensor(0.01)
-    expected_i2t, expected_t2i = losses.itc_similarities(image_feats, text_feat, image_feats, text_feat, temp)
+    _, expected = reference_itc(image_feats, text_feat, temp)  # fp32, outside autocast: [B, B], images x texts
     with torch.autocast("cpu", torch.bfloat16):
         sim_i2t, sim_t2i = losses.itc_similarities(image_feats, text_feat, image_feats, text_feat, temp)
         from_bf16, _ = losses.itc_similarities(image_feats.bfloat16(), text_feat, image_feats.bfloat16(), text_feat,
                                                temp)
     assert sim_i2t.dtype == sim_t2i.dtype == torch.float32
-    torch.testing.assert_close(sim_i2t, expected_i2t, rtol=0, atol=1e-4)
-    torch.testing.assert_close(sim_t2i, expected_t2i, rtol=0, atol=1e-4)
+    torch.testing.assert_close(sim_i2t, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(sim_t2i, expected.T, rtol=0, atol=1e-4)
     # bf16 features (a projection's output under autocast) are rounded once, not again in the product
-    torch.testing.assert_close(from_bf16, expected_i2t, rtol=0, atol=0.1)
+    torch.testing.assert_close(from_bf16, expected, rtol=0, atol=0.1)
 
 
 # ---- ITM ----------------------------------------------------------------------------------------------------------
