@@ -113,6 +113,6 @@ def test_each_plan_chains_packaged_recipes_and_the_step_options_reach_them(tmp_p
     assert recipe(QUICK[1], few).train.batch_size == 20 and recipe(QUICK[0], few).train.batch_size == 16
     full = {phase.name: recipe(phase, DemoConfig.full_plan()) for phase in FULL}
     assert full["stage1"].data.caption_index == 2 and full["stage1"].model.vision_norm_position_gain == 4
-    assert all(full[name].model.llm.prompt_to_qformer for name in ("stage2_warmup", "stage2"))
+    assert all(full[name].model.llm.visual_prompt_per_turn for name in ("stage2_warmup", "stage2"))
     assert full["retrieval"].train.batch_size == 64 and full["retrieval"].train.lr == 6e-4
     assert not full["stage2"].data.question_type_repeats

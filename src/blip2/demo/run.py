@@ -96,13 +96,14 @@ QUICK = (
     Phase("stage2_warmup", "shapes_stage2_warmup", "retrieval", "stage2", (*PER_TURN, "data.captions_per_image=1")),
     Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2", (*PER_TURN, "train.steps=300")),
 )
-# The full plan (docs/training.md, "The demo's two plans"; 90.7 minutes cold on a 2-core Xeon, 94.8 before stage 2's
-# math attention, 107 before the frozen-weight copies; the goal is 90): one stage 1 on the captions that name sizes
-# and positions, with the position code lifted, feeding two chains: a retrieval fine-tune at a larger batch (lr 6e-4:
-# R@1 0.589 / 0.580 against 0.516 / 0.487 at 1e-4 and 0.593 / 0.568 at 1e-3, the same steps; on ITC alone, the
-# quick plan's lever, 0.508 / 0.331: "The full plan's fine-tune on ITC alone"), and
-# stage 2 with the Q-Former reading the question from the start, its attention through the math backend (torch's
-# CPU flash-attention backward is slow at these short sequences).
+# The full plan (docs/training.md, "The demo's two plans"; 120.7 minutes cold on a 2-core AMD EPYC with native bf16,
+# whose steps run 1.3-1.5x slower than the 2-core Xeon's, where the plan before per-turn prompts took 90.7): one stage 1
+# on the captions that name sizes and positions, with the position code lifted, feeding two chains: a retrieval
+# fine-tune at a larger batch (lr 6e-4: R@1 0.589 / 0.580 against 0.516 / 0.487 at 1e-4 and 0.593 / 0.568 at 1e-3,
+# the same steps; on ITC alone, the quick plan's lever, 0.508 / 0.331: "The full plan's fine-tune on ITC alone"), and
+# stage 2 with the Q-Former reading each question and each user message of a conversation into a visual prompt of
+# its own (chat 0.419 -> 0.646: "The full plan with a visual prompt per turn"), its attention through the math
+# backend (torch's CPU flash-attention backward is slow at these short sequences).
 # Question types are not weighed: in 3,100 stage-2 steps the weighed mixture answered worse (0.515 against 0.665).
 FULL = (
     Phase("stage1", "shapes_stage1", None, "stage1",
@@ -110,9 +111,9 @@ FULL = (
     Phase("retrieval", "shapes_retrieval", "stage1", "retrieval",
           ("train.steps=300", "train.batch_size=64", "train.lr=6e-4", "train.warmup_steps=10")),
     Phase("stage2_warmup", "shapes_stage2_warmup", "stage1", "stage2",
-          ("model.llm.prompt_to_qformer=true", "data.captions_per_image=1", "train.steps=600",
-           "train.math_attention=true")),
-    Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2", ("train.steps=2500", "train.math_attention=true")),
+          (*PER_TURN, "data.captions_per_image=1", "train.steps=600", "train.math_attention=true")),
+    Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2",
+          (*PER_TURN, "train.steps=2500", "train.math_attention=true")),
 )
 RETRIEVAL_PHASE = "retrieval"  # its model is evaluated for retrieval; the last phase's for everything else
 
