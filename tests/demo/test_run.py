@@ -106,6 +106,7 @@ def test_each_plan_chains_packaged_recipes_and_the_step_options_reach_them(tmp_p
     quick = {phase.name: recipe(phase, DemoConfig()) for phase in QUICK}
     assert all(quick[name].model.llm.visual_prompt_per_turn for name in ("stage2_warmup", "stage2"))
     assert quick["stage2"].train.steps == 300 and quick["stage2_warmup"].data.captions_per_image == 1
+    assert all(quick[name].data.question_type_repeats == {"position": 2} for name in ("stage2_warmup", "stage2"))
     assert quick["stage1"].data.caption_index == 2 and quick["stage1"].model.vision_norm_position_gain == 4
     assert quick["retrieval"].losses == ["itc"] and quick["retrieval"].train.batch_size == 64
     assert quick["stage1"].losses is None  # stage 1 trains BLIP-2's three losses; only the fine-tune drops two
@@ -115,4 +116,4 @@ def test_each_plan_chains_packaged_recipes_and_the_step_options_reach_them(tmp_p
     assert full["stage1"].data.caption_index == 2 and full["stage1"].model.vision_norm_position_gain == 4
     assert all(full[name].model.llm.visual_prompt_per_turn for name in ("stage2_warmup", "stage2"))
     assert full["retrieval"].train.batch_size == 64 and full["retrieval"].train.lr == 6e-4
-    assert not full["stage2"].data.question_type_repeats
+    assert all(full[name].data.question_type_repeats == {"position": 2} for name in ("stage2_warmup", "stage2"))

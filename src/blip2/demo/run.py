@@ -87,33 +87,38 @@ class Phase:
 # the average of stage 1 and the fine-tune, chat steadier over two draws and no bar more: "Two more starts") in
 # two phases (the projection alone, then with the Q-Former), both on captions, questions and
 # conversations, the Q-Former reading each question and each user message of a conversation into a visual prompt
-# of its own (chat 0.380 against 0.200 with one visual prompt read with no text: "A visual prompt per turn").
+# of its own (chat 0.380 against 0.200 with one visual prompt read with no text: "A visual prompt per turn"), every
+# position question twice per epoch, as the full plan (one draw: chat 0.233 -> 0.467, CIDEr 0.347 -> 0.540, VQA 0.517
+# -> 0.500: "Position questions twice in the quick plan").
 PER_TURN = ("model.llm.prompt_to_qformer=true", "model.llm.visual_prompt_per_turn=true")
+POSITION_TWICE = "data.question_type_repeats={position: 2}"  # every position question twice per epoch in stage 2
 QUICK = (
     Phase("stage1", "shapes_stage1", None, "stage1", ("data.caption_index=2", "model.vision_norm_position_gain=4")),
     Phase("retrieval", "shapes_retrieval", "stage1", "retrieval",
           ("losses=[itc]", "train.steps=300", "train.batch_size=64", "train.lr=6e-4", "train.warmup_steps=10")),
-    Phase("stage2_warmup", "shapes_stage2_warmup", "retrieval", "stage2", (*PER_TURN, "data.captions_per_image=1")),
-    Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2", (*PER_TURN, "train.steps=300")),
+    Phase("stage2_warmup", "shapes_stage2_warmup", "retrieval", "stage2",
+          (*PER_TURN, POSITION_TWICE, "data.captions_per_image=1")),
+    Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2", (*PER_TURN, POSITION_TWICE, "train.steps=300")),
 )
-# The full plan (docs/training.md, "The demo's two plans"; 120.7 minutes cold on a 2-core AMD EPYC with native bf16,
-# whose steps run 1.3-1.5x slower than the 2-core Xeon's, where the plan before per-turn prompts took 90.7): one stage 1
-# on the captions that name sizes and positions, with the position code lifted, feeding two chains: a retrieval
-# fine-tune at a larger batch (lr 6e-4: R@1 0.589 / 0.580 against 0.516 / 0.487 at 1e-4 and 0.593 / 0.568 at 1e-3,
-# the same steps; on ITC alone, the quick plan's lever, 0.508 / 0.331: "The full plan's fine-tune on ITC alone"), and
-# stage 2 with the Q-Former reading each question and each user message of a conversation into a visual prompt of
-# its own (chat 0.419 -> 0.646: "The full plan with a visual prompt per turn"), its attention through the math
-# backend (torch's CPU flash-attention backward is slow at these short sequences).
-# Question types are not weighed: in 3,100 stage-2 steps the weighed mixture answered worse (0.515 against 0.665).
+# The full plan (docs/training.md, "The demo's two plans"; 120.7 minutes cold on a 2-core AMD EPYC with native bf16
+# before position questions were weighed, whose steps run 1.3-1.5x slower than the 2-core Xeon's, where the plan before
+# per-turn prompts took 90.7): one stage 1 on the captions that name sizes and positions, with the position code lifted,
+# feeding two chains: a retrieval fine-tune at a larger batch (lr 6e-4: R@1 0.589 / 0.580 against 0.516 / 0.487 at
+# 1e-4 and 0.593 / 0.568 at 1e-3, the same steps; on ITC alone, the quick plan's lever, 0.508 / 0.331: "The full
+# plan's fine-tune on ITC alone"), and stage 2 with the Q-Former reading each question and each user message of a
+# conversation into a visual prompt of its own (chat 0.419 -> 0.646: "The full plan with a visual prompt per turn"),
+# every position question twice per epoch (VQA 0.655 -> 0.740, chat 0.646 -> 0.707, CIDEr 1.395 -> 1.531: "Why
+# position is the weak type"), its attention through the math backend (torch's CPU flash-attention backward is slow
+# at these short sequences).
 FULL = (
     Phase("stage1", "shapes_stage1", None, "stage1",
           ("data.caption_index=2", "model.vision_norm_position_gain=4", "train.steps=1000")),
     Phase("retrieval", "shapes_retrieval", "stage1", "retrieval",
           ("train.steps=300", "train.batch_size=64", "train.lr=6e-4", "train.warmup_steps=10")),
     Phase("stage2_warmup", "shapes_stage2_warmup", "stage1", "stage2",
-          (*PER_TURN, "data.captions_per_image=1", "train.steps=600", "train.math_attention=true")),
+          (*PER_TURN, POSITION_TWICE, "data.captions_per_image=1", "train.steps=600", "train.math_attention=true")),
     Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2",
-          (*PER_TURN, "train.steps=2500", "train.math_attention=true")),
+          (*PER_TURN, POSITION_TWICE, "train.steps=2500", "train.math_attention=true")),
 )
 RETRIEVAL_PHASE = "retrieval"  # its model is evaluated for retrieval; the last phase's for everything else
 
