@@ -86,12 +86,12 @@ def demo(
 ) -> None:
     """The main job: generate the shapes world, train stage 1 (then fine-tune it for retrieval) and stage 2 from the
     offline parts, evaluate retrieval, VQA, captions and chat against the untrained model and the blind prior, and
-    write a report (metrics, training curves, captioned test images, a chat transcript). About 18-23 minutes on a
-    2-core CPU with native bf16, about 40 without (data/shapes, runs/demo, reports/demo). --full runs the longer
-    plan that aims at every quality bar (6,000 training scenes; data/shapes-full, runs/full, reports/full; about
-    111 minutes on a 2-core AMD EPYC with native bf16, by its phases' measured times). Kill it and run it again: it continues where it
-    stopped; a trained phase is reused unless --retrain. A quick try: a few steps of each phase and a few images of
-    each split (the options below)."""
+    write a report (metrics, training curves, captioned test images, a chat transcript). 18-28 minutes measured on
+    2-core CPUs with native bf16, about 40 without (data/shapes, runs/demo, reports/demo). --full runs the longer
+    plan that aims at every quality bar (6,000 training scenes; data/shapes-full, runs/full, reports/full; about 111
+    minutes on a 2-core AMD EPYC with native bf16, by its phases' measured times). Kill it and run it again: it
+    continues where it stopped; a trained phase is reused unless --retrain. A quick try: a few steps of each phase and
+    a few images of each split (the options below)."""
     given = {name: value for name, value in (("data_root", data_root), ("runs", runs), ("report", report),
                                              ("eval_limit", eval_limit)) if value is not None}
     config = (DemoConfig.full_plan if full else DemoConfig)(

@@ -100,9 +100,9 @@ QUICK = (
           (*PER_TURN, POSITION_TWICE, "data.captions_per_image=1")),
     Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2", (*PER_TURN, POSITION_TWICE, "train.steps=300")),
 )
-# The full plan (docs/training.md, "The demo's two plans"; 120.7 minutes cold on a 2-core AMD EPYC with native bf16
-# before position questions were weighed, whose steps run 1.3-1.5x slower than the 2-core Xeon's, where the plan before
-# per-turn prompts took 90.7): one stage 1 on the captions that name sizes and positions, with the position code lifted,
+# The full plan (docs/training.md, "The demo's two plans"; before position questions were weighed, 120.7 minutes cold
+# on a 2-core AMD EPYC with native bf16, whose steps run 1.3-1.5x slower than the 2-core Xeon's, where the plan before
+# per-turn prompts took 90.7; about 111 minutes there now, by the phases' times): one stage 1 on the captions that name sizes and positions, with the position code lifted,
 # feeding two chains: a retrieval fine-tune at a larger batch (lr 6e-4: R@1 0.589 / 0.580 against 0.516 / 0.487 at
 # 1e-4 and 0.593 / 0.568 at 1e-3, the same steps; on ITC alone, the quick plan's lever, 0.508 / 0.331: "The full
 # plan's fine-tune on ITC alone"), and stage 2 with the Q-Former reading each question and each user message of a
