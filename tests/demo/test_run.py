@@ -116,4 +116,5 @@ def test_each_plan_chains_packaged_recipes_and_the_step_options_reach_them(tmp_p
     assert full["stage1"].data.caption_index == 2 and full["stage1"].model.vision_norm_position_gain == 4
     assert all(full[name].model.llm.visual_prompt_per_turn for name in ("stage2_warmup", "stage2"))
     assert full["retrieval"].train.batch_size == 64 and full["retrieval"].train.lr == 6e-4
+    assert full["retrieval"].train.steps == 400 and full["retrieval"].losses is None  # 0.628 against 0.593 in 300
     assert all(full[name].data.question_type_repeats == {"position": 2} for name in ("stage2_warmup", "stage2"))

@@ -88,7 +88,7 @@ def demo(
     offline parts, evaluate retrieval, VQA, captions and chat against the untrained model and the blind prior, and
     write a report (metrics, training curves, captioned test images, a chat transcript). 18-28 minutes measured on
     2-core CPUs with native bf16, about 40 without (data/shapes, runs/demo, reports/demo). --full runs the longer
-    plan that aims at every quality bar (6,000 training scenes; data/shapes-full, runs/full, reports/full; about 111
+    plan that aims at every quality bar (6,000 training scenes; data/shapes-full, runs/full, reports/full; about 119
     minutes on a 2-core AMD EPYC with native bf16, by its phases' measured times). Kill it and run it again: it
     continues where it stopped; a trained phase is reused unless --retrain. A quick try: a few steps of each phase and
     a few images of each split (the options below)."""

@@ -102,19 +102,20 @@ QUICK = (
 )
 # The full plan (docs/training.md, "The demo's two plans"; before position questions were weighed, 120.7 minutes cold
 # on a 2-core AMD EPYC with native bf16, whose steps run 1.3-1.5x slower than the 2-core Xeon's, where the plan before
-# per-turn prompts took 90.7; about 111 minutes there now, by the phases' times): one stage 1 on the captions that name sizes and positions, with the position code lifted,
-# feeding two chains: a retrieval fine-tune at a larger batch (lr 6e-4: R@1 0.589 / 0.580 against 0.516 / 0.487 at
-# 1e-4 and 0.593 / 0.568 at 1e-3, the same steps; on ITC alone, the quick plan's lever, 0.508 / 0.331: "The full
-# plan's fine-tune on ITC alone"), and stage 2 with the Q-Former reading each question and each user message of a
-# conversation into a visual prompt of its own (chat 0.419 -> 0.646: "The full plan with a visual prompt per turn"),
-# every position question twice per epoch (VQA 0.655 -> 0.740, chat 0.646 -> 0.707, CIDEr 1.395 -> 1.531: "Why
-# position is the weak type"), its attention through the math backend (torch's CPU flash-attention backward is slow
-# at these short sequences).
+# per-turn prompts took 90.7; about 119 minutes there now, by the phases' times): one stage 1 on the captions that
+# name sizes and positions, with the position code lifted, feeding two chains: a retrieval fine-tune at a larger batch
+# (lr 6e-4: R@1 0.589 / 0.580 against 0.516 / 0.487 at 1e-4 and 0.593 / 0.568 at 1e-3, the same steps; on ITC alone,
+# the quick plan's lever, 0.508 / 0.331: "The full plan's fine-tune on ITC alone"), 400 steps (0.616 / 0.628 against
+# 0.570 / 0.593 in 300; without ITG or at batch 128, lower: "The full plan's fine-tune: ITC + ITM, batch 128, 400
+# steps"), and stage 2 with the Q-Former reading each question and each user message of a conversation into a visual
+# prompt of its own (chat 0.419 -> 0.646: "The full plan with a visual prompt per turn"), every position question
+# twice per epoch (VQA 0.655 -> 0.740, chat 0.646 -> 0.707, CIDEr 1.395 -> 1.531: "Why position is the weak type"),
+# its attention through the math backend (torch's CPU flash-attention backward is slow at these short sequences).
 FULL = (
     Phase("stage1", "shapes_stage1", None, "stage1",
           ("data.caption_index=2", "model.vision_norm_position_gain=4", "train.steps=1000")),
     Phase("retrieval", "shapes_retrieval", "stage1", "retrieval",
-          ("train.steps=300", "train.batch_size=64", "train.lr=6e-4", "train.warmup_steps=10")),
+          ("train.steps=400", "train.batch_size=64", "train.lr=6e-4", "train.warmup_steps=10")),
     Phase("stage2_warmup", "shapes_stage2_warmup", "stage1", "stage2",
           (*PER_TURN, POSITION_TWICE, "data.captions_per_image=1", "train.steps=600", "train.math_attention=true")),
     Phase("stage2", "shapes_vqa", "stage2_warmup", "stage2",
